@@ -1,0 +1,187 @@
+"""Caption tokenisation and vocabulary, equal to the original GaLR code (torch-free).
+
+The original (``R:data.py``) does::
+
+    tokens = nltk.tokenize.word_tokenize(caption.lower())
+    tokens = [t for t in tokens if t not in PUNCTUATION]
+    ids = [vocab(t) for t in tokens]            # unknown -> '<unk>'
+
+``word_tokenize`` first splits sentences with NLTK's pre-trained Punkt model (a data download) and
+then runs ``NLTKWordTokenizer`` on each sentence. Here the Punkt splitter is NLTK's
+``PunktSentenceTokenizer`` without trained parameters (no download); the only difference is that
+it knows no English abbreviations, so a caption such as "st. mary" is split after "st." where the
+trained model would not. Stopwords are *not* removed: the vocabularies were built without them,
+so they become ``<unk>`` exactly as in the original.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+# The original's punctuation filter (R:data.py:101), in its order.
+PUNCTUATION: tuple[str, ...] = (",", ".", ":", ";", "?", "(", ")", "[", "]", "&", "!", "*", "@", "#", "$", "%")
+UNK_TOKEN = "<unk>"
+PAD_ID = 0
+
+
+@lru_cache(maxsize=1)
+def _nltk_tokenizers():
+    # Imported lazily: nltk's import costs ~0.3 s and most processes never tokenise.
+    from nltk.tokenize import NLTKWordTokenizer
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    return PunktSentenceTokenizer(), NLTKWordTokenizer()
+
+
+def tokenize(caption: str) -> list[str]:
+    """Split a caption into the original's tokens (lower-cased, punctuation removed)."""
+    sentence_splitter, word_tokenizer = _nltk_tokenizers()
+    tokens: list[str] = []
+    for sentence in sentence_splitter.tokenize(caption.lower()):
+        tokens.extend(word_tokenizer.tokenize(sentence))
+    return [t for t in tokens if t not in PUNCTUATION]
+
+
+class VocabularyError(ValueError):
+    """A vocabulary file is missing, malformed or does not match a model."""
+
+
+@dataclass
+class Vocabulary:
+    """Word <-> id mapping in the original JSON format (``word2idx``, ``idx2word``, ``idx``).
+
+    Id 0 is padding and never a word; ``<unk>`` must be present (the original puts it last).
+    """
+
+    word2idx: dict[str, int]
+    idx2word: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if UNK_TOKEN not in self.word2idx:
+            raise VocabularyError(f"vocabulary has no '{UNK_TOKEN}' entry; it cannot map unknown words")
+        if PAD_ID in self.word2idx.values():
+            raise VocabularyError("vocabulary assigns id 0 to a word; id 0 is reserved for padding")
+        if not self.idx2word:
+            self.idx2word = {i: w for w, i in self.word2idx.items()}
+
+    @property
+    def unk_id(self) -> int:
+        return self.word2idx[UNK_TOKEN]
+
+    @property
+    def max_id(self) -> int:
+        return max(self.word2idx.values())
+
+    def __len__(self) -> int:
+        """Number of words; an embedding for this vocabulary needs ``max_id + 1`` rows."""
+        return len(self.word2idx)
+
+    def __contains__(self, word: str) -> bool:
+        return word in self.word2idx
+
+    def encode_tokens(self, tokens: Iterable[str]) -> list[int]:
+        unk = self.unk_id
+        return [self.word2idx.get(t, unk) for t in tokens]
+
+    def words(self) -> list[str]:
+        """Words sorted by id (the order of the original embedding rows 1..n)."""
+        return [w for w, _ in sorted(self.word2idx.items(), key=lambda kv: kv[1])]
+
+    @classmethod
+    def from_words(cls, words: Sequence[str]) -> "Vocabulary":
+        """Ids 1..n in the given order, ``<unk>`` appended last if absent (the original layout)."""
+        ordered = [w for w in dict.fromkeys(words) if w != UNK_TOKEN] + [UNK_TOKEN]
+        return cls({w: i + 1 for i, w in enumerate(ordered)})
+
+    def to_json_dict(self) -> dict:
+        return {
+            "word2idx": dict(self.word2idx),
+            "idx2word": {str(i): w for i, w in sorted(self.idx2word.items())},
+            "idx": self.max_id + 1,
+        }
+
+    @classmethod
+    def from_json_dict(cls, data: dict, source: str = "vocabulary") -> "Vocabulary":
+        if not isinstance(data, dict) or not isinstance(data.get("word2idx"), dict):
+            raise VocabularyError(f"{source}: expected the original format with a 'word2idx' object")
+        try:
+            word2idx = {str(w): int(i) for w, i in data["word2idx"].items()}
+        except (TypeError, ValueError) as exc:
+            raise VocabularyError(f"{source}: 'word2idx' values must be integers ({exc})") from None
+        idx2word = {int(i): str(w) for i, w in data.get("idx2word", {}).items()}
+        try:
+            return cls(word2idx, idx2word)
+        except VocabularyError as exc:
+            raise VocabularyError(f"{source}: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Vocabulary":
+        """Read an original-format vocabulary JSON (e.g. ``rsitmd_splits_vocab.json``)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise VocabularyError(f"vocabulary file not found: {path}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise VocabularyError(f"{path}: not a JSON vocabulary ({exc})") from None
+        return cls.from_json_dict(data, source=str(path))
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_json_dict()), encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class EncodedCaptions:
+    """A right-padded batch of token ids (``tokens``: int64 [n, T], 0 = padding)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    truncated: tuple[int, ...] = ()
+
+
+class Tokenizer:
+    """Captions -> padded id matrices, the original preprocessing plus an explicit length cap.
+
+    Args:
+        vocab: the model's vocabulary.
+        max_length: longest token sequence kept. The original has no cap (its evaluation buffer
+            is 47 tokens and longer captions crash); here longer captions keep their first
+            ``max_length`` tokens and a warning names them.
+    """
+
+    def __init__(self, vocab: Vocabulary, max_length: int = 64) -> None:
+        if max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {max_length}")
+        self.vocab = vocab
+        self.max_length = max_length
+
+    def encode(self, caption: str) -> list[int]:
+        """Token ids of one caption, without padding or truncation."""
+        return self.vocab.encode_tokens(tokenize(caption))
+
+    def encode_batch(self, captions: Sequence[str], warn: bool = True) -> EncodedCaptions:
+        """Encode and right-pad with 0 to the longest caption (at most ``max_length``)."""
+        ids = [self.encode(c) for c in captions]
+        truncated = tuple(i for i, row in enumerate(ids) if len(row) > self.max_length)
+        if truncated and warn:
+            warnings.warn(
+                f"{len(truncated)} caption(s) longer than {self.max_length} tokens were truncated "
+                f"(first: #{truncated[0]}: {captions[truncated[0]][:60]!r})",
+                stacklevel=2,
+            )
+        width = max([1] + [min(len(r), self.max_length) for r in ids])
+        tokens = np.zeros((len(ids), width), dtype=np.int64)
+        lengths = np.zeros(len(ids), dtype=np.int64)
+        for i, row in enumerate(ids):
+            row = row[: self.max_length]
+            tokens[i, : len(row)] = row
+            lengths[i] = len(row)
+        return EncodedCaptions(tokens, lengths, truncated)

@@ -1,0 +1,63 @@
+"""Tokenisation and vocabulary against the original preprocessing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from galr.preprocess.text import PUNCTUATION, Tokenizer, Vocabulary, VocabularyError, tokenize
+
+
+def test_documented_example_tokenises_like_the_original(shared_data):
+    vocab = Vocabulary.load(shared_data / "rsitmd" / "vocab.json")
+    ids = Tokenizer(vocab).encode("Two large ships loaded with cargo were moored on both sides of the gray port.")
+    # galr-reference.md §3: stopwords are <unk> (1349) because the vocabulary was built without them.
+    assert ids == [17, 169, 83, 1326, 1349, 112, 1349, 75, 1349, 1349, 67, 1349, 1349, 34, 96]
+
+
+@pytest.mark.parametrize("dataset, n_captions, unk_id, longest", [("rsitmd", 2260, 1349, 27), ("rsicd", 5465, 1225, 32)])
+def test_every_shared_test_caption_encodes(shared_data, dataset, n_captions, unk_id, longest):
+    vocab = Vocabulary.load(shared_data / dataset / "vocab.json")
+    captions = (shared_data / dataset / "test_caps.txt").read_text(encoding="utf-8").splitlines()
+    assert len(captions) == n_captions and vocab.unk_id == unk_id
+    batch = Tokenizer(vocab).encode_batch(captions)
+    assert batch.tokens.shape == (n_captions, longest) and not batch.truncated
+    assert np.all(batch.lengths > 0)
+    unk_share = (batch.tokens == unk_id).sum() / batch.lengths.sum()
+    assert 0.35 < unk_share < 0.5  # stopwords become <unk>, as measured on the original (≈42-46 %)
+
+
+def test_clitics_hyphens_digits_and_punctuation():
+    assert tokenize("It's side-by-side, (2 planes)!") == ["it", "'s", "side-by-side", "2", "planes"]
+    assert tokenize("A port. Two ships.") == ["a", "port", "two", "ships"]  # sentences split first
+    assert not set(tokenize(" ".join(PUNCTUATION))) & set(PUNCTUATION)
+
+
+def test_padding_truncation_and_warning():
+    vocab = Vocabulary.from_words(["a", "b", "c"])
+    tok = Tokenizer(vocab, max_length=2)
+    with pytest.warns(UserWarning, match="truncated"):
+        batch = tok.encode_batch(["a b c", "b", "zzz"])
+    assert batch.tokens.tolist() == [[1, 2], [2, 0], [4, 0]] and batch.truncated == (0,)
+    assert batch.lengths.tolist() == [2, 1, 1]
+
+
+def test_vocabulary_round_trip_and_errors(tmp_path):
+    vocab = Vocabulary.from_words(["x", "y"])
+    assert vocab.word2idx == {"x": 1, "y": 2, "<unk>": 3} and len(vocab) == 3
+    path = tmp_path / "vocab.json"
+    vocab.save(path)
+    data = json.loads(path.read_text())
+    assert data["idx"] == 4 and data["idx2word"]["1"] == "x"
+    assert Vocabulary.load(path).word2idx == vocab.word2idx
+    with pytest.raises(VocabularyError, match="not found"):
+        Vocabulary.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(VocabularyError, match="bad.json"):
+        Vocabulary.load(tmp_path / "bad.json")
+    with pytest.raises(VocabularyError, match="<unk>"):
+        Vocabulary({"a": 1})
+    with pytest.raises(VocabularyError, match="id 0"):
+        Vocabulary({"a": 0, "<unk>": 1})
