@@ -1,0 +1,321 @@
+"""``galr-export``: checkpoint -> ONNX graphs per precision -> gated, self-describing ``galr.plan``.
+
+Order of work (each step must pass before the bundle replaces any existing file):
+
+1. load the checkpoint (galr's own, or the authors' with ``--vocab``);
+2. export the four FP32 graphs and check each, and the chain end to end, against PyTorch on real
+   inputs (ONNX Runtime FP32: cosine >= 0.99999, max abs error <= 1e-4);
+3. derive FP16 (precision in the graph) and INT8 (explicit Q/DQ) graphs when asked, and gate them
+   against FP32 (cosine, and benchmark mR when a dataset is available);
+4. write the bundle atomically, then build TensorRT engines into it when TensorRT and a GPU exist.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+import galr
+from galr import graphs
+from galr.export.onnx_export import ExportOptions, export_all, stamp_metadata
+from galr.export.parity import FP16_GATE, FP32_GATE, INT8_GATE, ParityError, compare
+from galr.runtime.bundle import onnx_member, read_bundle, sha256_bytes, write_bundle
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """What ``galr-export`` does.
+
+    Attributes:
+        checkpoint: galr checkpoint or an authors' ``.pth.tar``.
+        output: the bundle to write.
+        vocab: vocabulary JSON (required for authors' checkpoints).
+        fp16: also export FP16 graphs.
+        int8: also export INT8 (Q/DQ) graphs; needs calibration data (``dataset``).
+        dataset: a dataset root in the original layout (images, captions, detections) used for
+            real parity inputs, FP16/INT8 mR gates and INT8 calibration. ``None`` = random inputs.
+        split: the split of ``dataset`` used for the accuracy gates.
+        calibration_split: the split used for INT8 calibration (never the gate split).
+        calibration_method: ``minmax`` | ``entropy`` | ``percentile``.
+        calibration_images: at most this many calibration images.
+        parity_images: images (x5 captions) for the per-graph parity checks.
+        gate_images: images (x5 captions) for the mR gates; ``0`` = the whole split.
+        max_mr_drop_fp16: fail if FP16 mR is lower than FP32 by more than this.
+        max_mr_drop_int8: fail if INT8 mR is lower than FP32 by more than this.
+        max_text_length: longest query in tokens (also the TensorRT text profile).
+        tensorrt: ``"auto"`` (build engines when TensorRT and a GPU exist), ``"yes"`` (fail when they do
+            not), ``"no"``.
+        opset: ONNX opset.
+    """
+
+    checkpoint: Path
+    output: Path = Path("galr.plan")
+    vocab: Path | None = None
+    fp16: bool = False
+    int8: bool = False
+    dataset: Path | None = None
+    split: str = "test"
+    calibration_split: str = "train"
+    calibration_method: str = "entropy"
+    calibration_images: int = 128
+    parity_images: int = 16
+    gate_images: int = 0
+    max_mr_drop_fp16: float = 0.5
+    max_mr_drop_int8: float = 1.0
+    max_text_length: int = 64
+    tensorrt: str = "auto"
+    opset: int = 17
+
+
+@dataclass
+class ExportReport:
+    """What the export measured; stored in the manifest and printed by the CLI."""
+
+    output: Path
+    parity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    accuracy: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    engines: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    inputs: str = ""
+
+
+def _parity_inputs(settings: ExportSettings, loaded, log) -> tuple[Any, str]:
+    """Real inputs from the dataset when there is one, else random but well-formed inputs."""
+    from galr.retrieval.evaluate import SplitInputs, load_split_inputs
+
+    config = loaded.model.config
+    if settings.dataset is not None:
+        from galr.data import DatasetPaths, load_split
+        from galr.preprocess.drea import DREAConfig
+        from galr.preprocess.image import ImagePreprocessConfig
+
+        paths = DatasetPaths.find(settings.dataset)
+        split = load_split(settings.dataset, settings.split, image_dir=paths.images)
+        image_config = ImagePreprocessConfig.from_dict(loaded.preprocess) if loaded.preprocess else ImagePreprocessConfig()
+        drea_config = DREAConfig.from_dict(loaded.drea) if loaded.drea else DREAConfig()
+        log(f"reading {settings.split} split of {settings.dataset} ({len(split.image_names)} images)")
+        inputs = load_split_inputs(split, image_config, drea_config, detections_dir=paths.detections, progress=True)
+        return inputs, f"{settings.dataset} [{settings.split}]"
+    rng = np.random.default_rng(0)
+    n, s = settings.parity_images, config.image_size
+    words = loaded.vocab.words()
+    captions = tuple(" ".join(rng.choice(words, size=rng.integers(4, 12))) for _ in range(n * 5))
+    adj = rng.random((n, config.num_objects, config.num_objects), dtype=np.float32) / config.num_objects
+    inputs = SplitInputs(tuple(f"random_{i}" for i in range(n)), rng.standard_normal((n, 3, s, s), dtype=np.float32),
+                         rng.random((n, config.num_objects, config.object_dim), dtype=np.float32), adj, captions)
+    return inputs, "random images and DREA matrices, captions of random vocabulary words"
+
+
+def _check_fp32_graphs(model, graphs_fp32: dict[str, bytes], inputs, tokenizer, count: int) -> dict[str, dict]:
+    """Each graph on ONNX Runtime against the same PyTorch stage, then the whole chain."""
+    import torch
+
+    from galr.runtime.backends.onnxruntime import OnnxRuntimeRunner
+
+    sub = inputs.subset(min(count, len(inputs.image_names)))
+    tokens = tokenizer.encode_batch(list(sub.captions), warn=False).tokens
+    t = torch.from_numpy
+    with torch.no_grad():
+        ref_global = model.encode_global(t(sub.images)).numpy()
+        ref_local = model.encode_local(t(sub.local_rep), t(sub.local_adj)).numpy()
+        ref_fused = model.fuse(t(ref_global), t(ref_local)).numpy()
+        ref_text = model.encode_text(t(tokens)).numpy()
+    runners = {name: OnnxRuntimeRunner(data) for name, data in graphs_fp32.items()}
+    out = {name: runner.activate() for name, runner in runners.items()}
+    onnx_global = out[graphs.GLOBAL].infer({graphs.IMAGE: sub.images})[graphs.GLOBAL_FEATURE]
+    onnx_local = out[graphs.LOCAL].infer({graphs.LOCAL_REP: sub.local_rep, graphs.LOCAL_ADJ: sub.local_adj})[graphs.LOCAL_FEATURE]
+    # Per graph: each fed the *reference* inputs, so one graph's error does not hide in another's.
+    onnx_fused = out[graphs.FUSION].infer({graphs.GLOBAL_FEATURE: ref_global, graphs.LOCAL_FEATURE: ref_local})[graphs.IMAGE_EMBEDDING]
+    onnx_text = out[graphs.TEXT].infer({graphs.TOKENS: tokens})[graphs.TEXT_EMBEDDING]
+    chained = out[graphs.FUSION].infer({graphs.GLOBAL_FEATURE: onnx_global, graphs.LOCAL_FEATURE: onnx_local})[graphs.IMAGE_EMBEDDING]
+    results = {
+        graphs.GLOBAL: compare(ref_global, onnx_global), graphs.LOCAL: compare(ref_local, onnx_local),
+        graphs.FUSION: compare(ref_fused, onnx_fused), graphs.TEXT: compare(ref_text, onnx_text),
+        "image end-to-end": compare(ref_fused, chained),
+    }
+    for runner in runners.values():
+        runner.close()
+    for label, stats in results.items():
+        FP32_GATE.check(stats, f"ONNX Runtime FP32 vs PyTorch, {label}")
+    return {label: stats.to_dict() for label, stats in results.items()}
+
+
+def _toolchain() -> dict[str, str]:
+    versions = {"galr": galr.__version__, "python": platform.python_version()}
+    for module in ("torch", "onnx", "onnxruntime", "numpy"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            pass
+    return versions
+
+
+def build_manifest(loaded, checkpoint: Path, graph_bytes: dict[str, dict[str, bytes]], settings: ExportSettings,
+                   report: ExportReport) -> dict[str, Any]:
+    """The manifest: everything the runtime needs besides the graphs, and where they came from."""
+    from galr.preprocess.drea import DREAConfig
+    from galr.preprocess.image import ImagePreprocessConfig
+    from galr.preprocess.text import PAD_ID, PUNCTUATION
+
+    config = loaded.model.config
+    fp32 = graph_bytes["fp32"]
+    io = graphs.graph_io(config)
+    return {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": config.to_dict(),
+        "model_hash": sha256_bytes(b"".join(fp32[name] for name in graphs.GRAPH_NAMES)),
+        "embedding": {"dim": config.embed_dim, "l2_normalised": True, "similarity": "dot product = cosine"},
+        "vocab": loaded.vocab.to_json_dict(),
+        "tokenizer": {"lowercase": True, "sentence_split": "punkt (untrained parameters)", "word_tokenizer": "NLTKWordTokenizer",
+                      "punctuation_removed": list(PUNCTUATION), "unk_id": loaded.vocab.unk_id, "pad_id": PAD_ID,
+                      "max_length": settings.max_text_length, "truncation": "keep the first max_length tokens"},
+        "preprocess": loaded.preprocess or ImagePreprocessConfig().to_dict(),
+        "drea": loaded.drea or DREAConfig().to_dict(),
+        "graphs": {name: {"inputs": [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in spec.inputs],
+                          "outputs": [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in spec.outputs]}
+                   for name, spec in io.items()},
+        "onnx": {precision: {name: onnx_member(precision, name) for name in members}
+                 for precision, members in graph_bytes.items()},
+        "onnx_sha256": {precision: {name: sha256_bytes(data) for name, data in members.items()}
+                        for precision, members in graph_bytes.items()},
+        "opset": settings.opset,
+        "engines": [],
+        "toolchain": _toolchain(),
+        "provenance": {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_bytes(checkpoint.read_bytes()),
+                       "checkpoint_format": loaded.source_format, "checkpoint_metadata": _plain(loaded.metadata)},
+        "reports": {"inputs": report.inputs, "parity": report.parity, "accuracy": report.accuracy,
+                    "calibration": report.calibration},
+    }
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy of checkpoint metadata (tensors and other objects become strings)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _accuracy_gates(staging: Path, inputs, precisions: list[str], settings: ExportSettings, report: ExportReport,
+                    log) -> None:
+    """Evaluate every precision through the runtime exactly as it will serve, and gate FP16/INT8."""
+    from galr.config import RerankConfig
+    from galr.retrieval.evaluate import evaluate_encoder
+    from galr.runtime.encoders import load_engine
+
+    if settings.gate_images:
+        inputs = inputs.subset(min(settings.gate_images, len(inputs.image_names)))
+    results = {}
+    for precision in precisions:
+        log(f"scoring {precision} graphs on {len(inputs.image_names)} images / {len(inputs.captions)} captions")
+        with load_engine(staging, backend="onnxruntime", device="cpu", precision=precision) as engine:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                results[precision] = evaluate_encoder(engine, inputs, RerankConfig())
+    base = results["fp32"]
+    for precision, result in results.items():
+        entry: dict[str, Any] = {"metrics": result.metrics.to_dict(), "metrics_rerank": result.metrics_rerank.to_dict()}
+        if precision != "fp32":
+            image_stats = compare(base.image_embeddings, result.image_embeddings)
+            text_stats = compare(base.text_embeddings, result.text_embeddings)
+            drop = base.metrics.mean_recall - result.metrics.mean_recall
+            entry.update({"vs_fp32_image": image_stats.to_dict(), "vs_fp32_text": text_stats.to_dict(), "mr_drop": drop})
+            gate, max_drop = (FP16_GATE, settings.max_mr_drop_fp16) if precision == "fp16" else (INT8_GATE, settings.max_mr_drop_int8)
+            gate.check(image_stats, f"{precision} image embeddings vs FP32")
+            gate.check(text_stats, f"{precision} text embeddings vs FP32")
+            if settings.dataset is not None and drop > max_drop:
+                raise ParityError(f"{precision} loses {drop:.2f} mR against FP32 (allowed {max_drop}); the export was not written")
+        report.accuracy[precision] = entry
+
+
+def export_bundle(settings: ExportSettings, log: Callable[[str], None] = print) -> ExportReport:
+    """Run the whole export; see the module docstring. Returns what was measured.
+
+    Raises:
+        ParityError: a gate failed (nothing was written; an existing bundle is untouched).
+        CheckpointError, BundleError, FileNotFoundError: bad inputs.
+    """
+    from galr.calibration.fp16 import convert_to_fp16
+    from galr.model import load_checkpoint
+
+    report = ExportReport(settings.output)
+    loaded = load_checkpoint(settings.checkpoint, vocab=settings.vocab)
+    from galr.preprocess.text import Tokenizer
+
+    tokenizer = Tokenizer(loaded.vocab, max_length=settings.max_text_length)
+    inputs, report.inputs = _parity_inputs(settings, loaded, log)
+
+    log(f"exporting 4 graphs (opset {settings.opset})")
+    protos = export_all(loaded.model, ExportOptions(opset=settings.opset))
+    graph_bytes: dict[str, dict[str, bytes]] = {"fp32": {n: p.SerializeToString() for n, p in protos.items()}}
+    report.parity["fp32"] = _check_fp32_graphs(loaded.model, graph_bytes["fp32"], inputs, tokenizer, settings.parity_images)
+    log("ONNX Runtime FP32 matches PyTorch on every graph")
+
+    if settings.fp16:
+        converted = {}
+        for name, proto in protos.items():
+            half = convert_to_fp16(proto)
+            stamp_metadata(half, {"galr.precision": "fp16"})
+            converted[name] = half.SerializeToString()
+        graph_bytes["fp16"] = converted
+    if settings.int8:
+        if settings.dataset is None:
+            raise ValueError("INT8 needs calibration data: pass --dataset (images with detections and captions)")
+        from galr.calibration.int8 import CalibrationSettings, quantize_bundle_graphs
+
+        log(f"calibrating INT8 ({settings.calibration_method}) on the {settings.calibration_split} split")
+        int8_graphs, report.calibration = quantize_bundle_graphs(
+            graph_bytes["fp32"], loaded,
+            CalibrationSettings(dataset=settings.dataset, split=settings.calibration_split,
+                                method=settings.calibration_method, max_images=settings.calibration_images),
+            log=log)
+        graph_bytes["int8"] = int8_graphs
+
+    members = {onnx_member(p, n): data for p, graphs_ in graph_bytes.items() for n, data in graphs_.items()}
+    output = settings.output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging_name = tempfile.mkstemp(prefix=output.name + ".", suffix=".staging", dir=output.parent)
+    os.close(handle)
+    staging = Path(staging_name)
+    try:
+        write_bundle(staging, build_manifest(loaded, settings.checkpoint, graph_bytes, settings, report), members)
+        _accuracy_gates(staging, inputs, list(graph_bytes), settings, report, log)
+        manifest = dict(read_bundle(staging).manifest)
+        manifest.pop("members")
+        manifest["reports"] = {"inputs": report.inputs, "parity": report.parity, "accuracy": report.accuracy,
+                               "calibration": report.calibration}
+        write_bundle(staging, manifest, members)
+        os.replace(staging, output)
+    finally:
+        staging.unlink(missing_ok=True)
+    log(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB; precisions {', '.join(graph_bytes)})")
+    _maybe_build_engines(settings, report, log)
+    return report
+
+
+def _maybe_build_engines(settings: ExportSettings, report: ExportReport, log) -> None:
+    """Build TensorRT engines into the bundle when asked or when possible (``tensorrt='auto'``)."""
+    if settings.tensorrt == "no":
+        return
+    from galr.export.engines import EngineBuildUnavailable, build_bundle_engines
+
+    try:
+        report.engines = build_bundle_engines(settings.output, log=log)
+    except EngineBuildUnavailable as exc:
+        if settings.tensorrt == "yes":
+            raise
+        report.notes.append(f"TensorRT engines not built: {exc}")
+        log(f"TensorRT engines not built ({exc}); the bundle serves with ONNX Runtime. "
+            f"On a GPU machine with TensorRT run: galr-build {settings.output}")
