@@ -7,7 +7,11 @@ import sys
 
 import pytest
 
-TORCH_FREE = ["galr", "galr.runtime", "galr.runtime.backends", "galr.preprocess.text", "galr.config", "galr.graphs"]
+TORCH_FREE = [
+    "galr", "galr.runtime", "galr.runtime.backends", "galr.runtime.encoders", "galr.runtime.bundle", "galr.config",
+    "galr.graphs", "galr.preprocess.text", "galr.preprocess.image", "galr.preprocess.detections", "galr.preprocess.drea",
+    "galr.preprocess.local_file", "galr.retrieval.metrics", "galr.retrieval.rerank", "galr.retrieval.evaluate",
+]
 
 
 @pytest.mark.parametrize("module", TORCH_FREE)

@@ -195,3 +195,19 @@ def test_cupy_arrays_stay_on_the_device_and_match_numpy():
     online = rerank_online(cupy.asarray(queries), cupy.asarray(bank), CONFIG)
     assert isinstance(online, cupy.ndarray)
     assert _max_diff(cupy.asnumpy(online), rerank_online(queries, bank, CONFIG)) <= TOLERANCE
+
+
+def test_candidate_form_equals_online_form_on_its_candidates():
+    from galr.retrieval.rerank import rerank_candidates, rerank_online
+
+    rng = np.random.default_rng(7)
+    bank, queries = rng.random((40, 60)), rng.random((5, 60))
+    queries[0, :5] = bank[3, :5]  # ties with bank values go through the argsort path
+    config = RerankConfig(k=12)
+    dense = rerank_online(queries, bank, config)
+    order = np.argsort(-queries, axis=1)[:, :12]
+    values = np.take_along_axis(queries, order, axis=1)
+    scores = rerank_candidates(values, bank[:, order], config)
+    np.testing.assert_allclose(scores, np.take_along_axis(dense, order, axis=1), atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[nb, nq, K\]"):
+        rerank_candidates(values, bank, config)

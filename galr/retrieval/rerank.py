@@ -234,10 +234,35 @@ def rerank_online(
         block = query_sims[start : start + rows]
         cand = _forward_candidates(xp, block, k)
         values = xp.take_along_axis(block, cand, axis=1)
-        column_sums, reverse_ranks = _bank_statistics(xp, bank_sims, cand, values)
+        column_sums, reverse_ranks = _bank_statistics(xp, bank_sims[:, cand], values)
         scores = _mr_scores(xp, values, column_sums, reverse_ranks, config)
         out[start : start + rows] = _scatter(xp, scores, cand, n_gallery)
     return out
+
+
+def rerank_candidates(values: Any, bank_values: Any, config: RerankConfig = RerankConfig()) -> Any:
+    """MR scores of candidates that a search already found: the online form without a dense gallery.
+
+    For a large gallery the serving path finds each query's top ``K`` with the index, then needs the
+    bank's similarities to those ``K`` items only. Same scores as :func:`rerank_online` restricted to
+    the candidates (the candidate order, i.e. the forward rank, is taken as given).
+
+    Args:
+        values: float ``[nq, K]`` similarities of each query to its candidates, best first.
+        bank_values: float ``[nb, nq, K]`` similarities of every bank row to those candidates.
+        config: MR parameters (``config.k`` is not applied here: ``K`` is the candidates given).
+
+    Returns:
+        float32 ``[nq, K]`` MR scores in the candidates' order.
+    """
+    xp, values = _as_array(values)
+    if values.ndim != 2 or bank_values.ndim != 3 or bank_values.shape[1:] != values.shape:
+        raise ValueError(f"bank_values must be [nb, nq, K] for values [nq, K]; got {tuple(bank_values.shape)} "
+                         f"and {tuple(values.shape)}")
+    dtype = np.result_type(values.dtype, bank_values.dtype)
+    values, bank_values = values.astype(dtype, copy=False), bank_values.astype(dtype, copy=False)
+    column_sums, reverse_ranks = _bank_statistics(xp, bank_values, values)
+    return _mr_scores(xp, values, column_sums, reverse_ranks, config)
 
 
 def _as_array(sim: Any) -> tuple[ModuleType, Any]:
@@ -328,9 +353,11 @@ def _reverse_statistics(xp: ModuleType, sim: Any, cand: Any, *, element_budget: 
     return column_sums.reshape(n_query, k), reverse_ranks.reshape(n_query, k)
 
 
-def _bank_statistics(xp: ModuleType, bank: Any, cand: Any, values: Any) -> tuple[Any, Any]:
-    """Column sums and reverse ranks of the online form: each query appended alone to the bank."""
-    bank_values = bank[:, cand]  # [nb, n, K]
+def _bank_statistics(xp: ModuleType, bank_values: Any, values: Any) -> tuple[Any, Any]:
+    """Column sums and reverse ranks of the online form: each query appended alone to the bank.
+
+    ``bank_values`` [nb, n, K] are the bank's similarities to each query's K candidates.
+    """
     _check_finite(xp, bank_values, "bank_sims")
     column_sums = bank_values.sum(axis=0, dtype=xp.float64) + values
     # With no equal bank value, the query's position in argsort(-column) is the count of larger values.
@@ -338,15 +365,15 @@ def _bank_statistics(xp: ModuleType, bank: Any, cand: Any, values: Any) -> tuple
     tied = (bank_values == values[None]).any(axis=0)
     if bool(tied.any()):
         rows, slots = xp.nonzero(tied)
-        reverse_ranks[rows, slots] = _appended_positions(xp, bank, cand[rows, slots], values[rows, slots])
+        reverse_ranks[rows, slots] = _appended_positions(xp, bank_values[:, rows, slots], values[rows, slots])
     return column_sums, reverse_ranks
 
 
-def _appended_positions(xp: ModuleType, bank: Any, gallery: Any, query_values: Any) -> Any:
-    """Position of an appended value in ``argsort(-[bank[:, g]; value])``, by running that argsort."""
-    appended = xp.concatenate([bank[:, gallery].T, query_values[:, None]], axis=1)
+def _appended_positions(xp: ModuleType, bank_columns: Any, query_values: Any) -> Any:
+    """Position of an appended value in ``argsort(-[bank_column; value])``, by running that argsort."""
+    appended = xp.concatenate([bank_columns.T, query_values[:, None]], axis=1)
     order = xp.argsort(-appended, axis=1)
-    return xp.argmax(order == bank.shape[0], axis=1).astype(xp.float64)
+    return xp.argmax(order == bank_columns.shape[0], axis=1).astype(xp.float64)
 
 
 def _mr_scores(xp: ModuleType, values: Any, column_sums: Any, reverse_ranks: Any, config: RerankConfig) -> Any:
