@@ -78,6 +78,9 @@ class GaLREngine:
         self.tokenizer = Tokenizer(self.vocab, max_length=int(manifest.get("tokenizer", {}).get("max_length", 64)))
         self.image_config = ImagePreprocessConfig.from_dict(manifest["preprocess"]) if manifest.get("preprocess") else ImagePreprocessConfig()
         self.drea_config = DREAConfig.from_dict(manifest["drea"]) if manifest.get("drea") else DREAConfig()
+        if self.image_config.size != self.config.image_size:
+            raise BundleError(f"{bundle.path}: preprocessing resizes to {self.image_config.size} px but the model "
+                              f"takes {self.config.image_size} px; re-export the bundle")
         self._runners = runners
         self._max_batch = max_batch or {}
         serial = info.backend == "tensorrt"

@@ -1,0 +1,80 @@
+"""A self-contained HTML contact sheet of search results: thumbnails people can look at, no ids to decode."""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+
+THUMBNAIL_PX = 160
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;background:#f6f7f9;color:#1d2330}
+h1{font-size:20px;margin:0 0 4px} .meta{color:#5b6474;font-size:13px;margin-bottom:20px}
+section{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:14px 16px;margin-bottom:18px}
+h2{font-size:16px;margin:0 0 2px} .timing{color:#5b6474;font-size:12px;margin-bottom:10px}
+.row{display:flex;flex-wrap:wrap;gap:12px}
+figure{margin:0;width:%(px)dpx} figure img{width:%(px)dpx;height:%(px)dpx;object-fit:cover;border-radius:4px;
+border:1px solid #cfd5de;background:#e9ecf1} .missing{width:%(px)dpx;height:%(px)dpx;display:flex;align-items:center;
+justify-content:center;background:#e9ecf1;color:#8a93a3;font-size:12px;border-radius:4px}
+figcaption{font-size:12px;line-height:1.35;margin-top:4px;word-break:break-all}
+.rank{font-weight:600} .score{color:#2f6fdf} .mr{color:#b5562b} .text{font-size:13px;padding:6px 0;border-top:1px solid #eef0f3}
+""" % {"px": THUMBNAIL_PX}
+
+
+def thumbnail_data_uri(path: str | Path, size: int = THUMBNAIL_PX) -> str | None:
+    """A small JPEG of ``path`` as a ``data:`` URI, or ``None`` when the file cannot be read."""
+    from galr.preprocess.image import ImageLoadError, load_image
+
+    try:
+        picture = load_image(path)
+    except (ImageLoadError, OSError):
+        return None
+    picture.thumbnail((size, size))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=82)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _hit_html(hit, show_image: bool) -> str:
+    scores = f'<span class="score">cos {hit.score:.3f}</span>'
+    if hit.rerank_score is not None:
+        scores += f' · <span class="mr">MR {hit.rerank_score:.3f}</span>'
+    if not show_image:
+        return f'<div class="text"><span class="rank">#{hit.rank}</span> {scores}<br>{html.escape(hit.id)}</div>'
+    record = hit.record or {}
+    uri = thumbnail_data_uri(record.get("path", "")) if record.get("path") else None
+    picture = f'<img src="{uri}" alt="{html.escape(hit.id)}">' if uri else '<div class="missing">image not found</div>'
+    size = f"{record['width']}×{record['height']}" if record.get("width") else ""
+    return (f"<figure>{picture}<figcaption><span class=\"rank\">#{hit.rank}</span> {scores}<br>"
+            f"{html.escape(hit.id)} {html.escape(size)}</figcaption></figure>")
+
+
+def render_contact_sheet(results: Sequence, title: str, subtitle: str, mode: str = "text2image") -> str:
+    """The HTML page (one section per query; thumbnails embedded, so the file can be mailed as is)."""
+    show_images = mode == "text2image"
+    sections = []
+    for number, result in enumerate(results, start=1):
+        t = result.timings_ms
+        timing = f"encode {t.get('encode', 0):.1f} ms · search {t.get('search', 0):.2f} ms"
+        if result.reranked:
+            timing += f" · rerank {t.get('rerank', 0):.2f} ms (MR on)"
+        query = html.escape(result.query)
+        hits = "".join(_hit_html(hit, show_images) for hit in result.hits)
+        body = f'<div class="row">{hits}</div>' if show_images else hits
+        sections.append(f'<section><h2>{number}. {query}</h2><div class="timing">{timing}</div>{body}</section>')
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<div class=\"meta\">{html.escape(subtitle)} · {stamp}</div>{''.join(sections)}</body></html>")
+
+
+def write_contact_sheet(path: str | Path, results: Sequence, title: str, subtitle: str, mode: str = "text2image") -> Path:
+    path = Path(path)
+    path.write_text(render_contact_sheet(results, title, subtitle, mode), encoding="utf-8")
+    return path

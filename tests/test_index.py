@@ -1,0 +1,559 @@
+"""Tests for galr.runtime.index: editing, exact search against a loop oracle, the .gidx file, building."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from galr.preprocess.image import load_image
+from galr.runtime import index as index_module
+from galr.runtime.index import (
+    GalleryIndex,
+    ImageRecord,
+    IndexFormatError,
+    IndexModelMismatchError,
+    build_index,
+    image_id,
+    iter_image_files,
+    load_index,
+    read_text_lines,
+)
+
+DIM = 8
+MODEL = "fake-model-0001"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake engine and fixtures (also used by test_index_cli.py)
+
+
+class FakeInfo:
+    bundle = "fake.plan"
+
+    def describe(self) -> str:
+        return "fake backend on CPU at fp32 (test)"
+
+
+class FakeEngine:
+    """Deterministic unit vectors from the pixels (images) or the text's SHA-256 (captions)."""
+
+    embed_dim = DIM
+
+    def __init__(self, model_hash: str = MODEL) -> None:
+        self.model_hash = model_hash
+        self.info = FakeInfo()
+        self.calls: list[tuple[list[Path], Any]] = []
+        self.closed = False
+        self._projection = np.random.default_rng(7).standard_normal((12, DIM)).astype(np.float32)
+
+    def encode_images(self, images: Sequence[Any], local: Any = None) -> np.ndarray:
+        self.calls.append(([Path(p) for p in images], local))
+        pixels = [np.asarray(load_image(p).resize((2, 2), Image.Resampling.BILINEAR), np.float32) for p in images]
+        return _unit(np.stack([p.ravel() / 255.0 - 0.5 for p in pixels]) @ self._projection)
+
+    def encode_text(self, captions: Sequence[str]) -> np.ndarray:
+        rows = [np.random.default_rng(int(hashlib.sha256(c.encode()).hexdigest()[:8], 16)).standard_normal(DIM)
+                for c in captions]
+        return _unit(np.stack(rows))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (24, 16)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def write_broken_images(folder: Path) -> tuple[Path, Path]:
+    """A file Pillow cannot identify, and a PNG whose header reads but whose pixel data is cut off."""
+    unreadable = folder / "broken.png"
+    unreadable.write_bytes(b"this is not an image")
+    truncated = folder / "cut.png"
+    full = io.BytesIO()
+    Image.fromarray(np.random.default_rng(99).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(full, "PNG")
+    truncated.write_bytes(full.getvalue()[: len(full.getvalue()) // 2])
+    return unreadable, truncated
+
+
+def random_unit(rows: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
+    return _unit(np.random.default_rng(seed).standard_normal((rows, dim)))
+
+
+def records_for(names: Sequence[str]) -> list[ImageRecord]:
+    return [ImageRecord(name, f"/data/{name}", 32, 32) for name in names]
+
+
+def make_index(rows: int, storage: str = "fp32", seed: int = 0) -> GalleryIndex:
+    index = GalleryIndex(MODEL, DIM, storage, built_with="fake.plan")
+    index.add(records_for([f"img{i:03d}.png" for i in range(rows)]), random_unit(rows, seed))
+    return index
+
+
+def brute_force(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """The top-k by looping over queries and items: score descending, then gallery position."""
+    gallery = gallery.astype(np.float32)
+    indices, scores = [], []
+    for query in queries.astype(np.float32):
+        row = [float(np.dot(item, query)) for item in gallery]
+        order = sorted(range(len(gallery)), key=lambda i: (-row[i], i))[:k]
+        indices.append(order)
+        scores.append([row[i] for i in order])
+    return indices, scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+def test_record_round_trips_through_json_with_geo_fields():
+    record = ImageRecord("a/b.png", "/x/a/b.png", 640, 480, lat=-33.9, lon=151.2,
+                         footprint=[[151.0, -34.0], [151.4, -34.0], [151.4, -33.8]], extra={"sensor": "GF-2", "gsd": 0.8})
+    again = ImageRecord.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert again == record
+    assert again.footprint == ((151.0, -34.0), (151.4, -34.0), (151.4, -33.8))
+    assert hash(again) == hash(record)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"lat": 91.0}, "lat"),
+        ({"lon": float("nan")}, "lon"),
+        ({"footprint": [(1.0, 2.0, 3.0)]}, "footprint"),
+        ({"extra": {"bad": float("nan")}}, "JSON"),
+        ({"width": -1}, "width"),
+        ({"id": ""}, "id"),
+    ],
+)
+def test_record_refuses_invalid_fields(fields, message):
+    values = {"id": "a.png", "path": "/a.png", "width": 1, "height": 1, **fields}
+    with pytest.raises(ValueError, match=message):
+        ImageRecord(**values)
+
+
+def test_record_from_dict_refuses_unknown_keys():
+    with pytest.raises(ValueError, match="newer galr"):
+        ImageRecord.from_dict({"id": "a", "path": "a", "width": 1, "height": 1, "colour": "red"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Editing
+
+
+def test_add_get_and_ids():
+    index = make_index(3)
+    assert len(index) == 3 and index.ids == ["img000.png", "img001.png", "img002.png"]
+    assert index.get("img001.png").path == "/data/img001.png"
+    assert "img002.png" in index and "nope" not in index
+    with pytest.raises(KeyError, match="nope"):
+        index.get("nope")
+
+
+def test_add_refuses_existing_ids_unless_replace():
+    index = make_index(3)
+    new = random_unit(2, seed=5)
+    with pytest.raises(ValueError, match="img001.png"):
+        index.add(records_for(["img001.png", "fresh.png"]), new)
+    assert len(index) == 3  # nothing half-added
+    index.add(records_for(["img001.png", "fresh.png"]), new, replace=True)
+    assert index.ids == ["img000.png", "img001.png", "img002.png", "fresh.png"]
+    np.testing.assert_array_equal(index.embeddings[1], new[0])
+    np.testing.assert_array_equal(index.embeddings[3], new[1])
+
+
+def test_add_refuses_ids_repeated_in_one_call():
+    index = make_index(0)
+    with pytest.raises(ValueError, match="more than once"):
+        index.add(records_for(["a", "a"]), random_unit(2))
+
+
+def test_update_replaces_in_place_and_refuses_unknown_ids():
+    index = make_index(3)
+    replacement = random_unit(1, seed=9)
+    index.update([ImageRecord("img002.png", "/new/path.png", 8, 8)], replacement)
+    assert index.get("img002.png").path == "/new/path.png" and index.position("img002.png") == 2
+    np.testing.assert_array_equal(index.embeddings[2], replacement[0])
+    with pytest.raises(KeyError, match="ghost.png"):
+        index.update(records_for(["ghost.png"]), random_unit(1))
+
+
+def test_remove_compacts_rows_and_names_unknown_ids():
+    index = make_index(5)
+    before = index.embeddings.copy()
+    with pytest.raises(KeyError, match="ghost"):
+        index.remove(["img001.png", "ghost"])
+    assert len(index) == 5  # all-or-nothing
+    index.remove(["img001.png", "img003.png"])
+    assert index.ids == ["img000.png", "img002.png", "img004.png"]
+    np.testing.assert_array_equal(index.embeddings, before[[0, 2, 4]])
+    assert index.position("img004.png") == 2
+    index.add(records_for(["img001.png"]), before[1:2])  # a removed id can come back
+    assert index.ids[-1] == "img001.png"
+
+
+@pytest.mark.parametrize(
+    ("embeddings", "error", "message"),
+    [
+        (np.ones((2, DIM), np.int64), TypeError, "floating"),
+        (np.ones((2, DIM + 1), np.float32), ValueError, "shape"),
+        (np.ones((3, DIM), np.float32), ValueError, "shape"),
+        (np.full((2, DIM), np.nan, np.float32), ValueError, "NaN"),
+        (np.ones((2, DIM), np.float32), ValueError, "unit-norm"),
+    ],
+)
+def test_add_validates_embeddings(embeddings, error, message):
+    with pytest.raises(error, match=message):
+        make_index(0).add(records_for(["a", "b"]), embeddings)
+
+
+def test_embeddings_view_is_read_only():
+    index = make_index(2)
+    with pytest.raises(ValueError):
+        index.embeddings[0, 0] = 1.0
+
+
+def test_text_bank_add_and_replace():
+    index = make_index(2)
+    index.add_text_bank(["a ship", "a road"], random_unit(2, seed=1))
+    index.add_text_bank(["a farm"], random_unit(1, seed=2))
+    assert index.text_bank_texts == ["a ship", "a road", "a farm"]
+    assert index.text_bank_embeddings.shape == (3, DIM) and index.text_bank_embeddings.dtype == np.float32
+    index.add_text_bank(["only"], random_unit(1, seed=3), replace=True)
+    assert index.text_bank_texts == ["only"]
+    with pytest.raises(ValueError, match="non-empty"):
+        index.add_text_bank(["  "], random_unit(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Search
+
+
+@pytest.mark.parametrize("k", [1, 5, 57, 100])
+@pytest.mark.parametrize("block_rows", [None, 1, 4, 16])
+def test_search_equals_brute_force(k, block_rows):
+    index = make_index(57, seed=1)
+    queries = random_unit(6, seed=2)
+    result = index.search(queries, k, device="cpu", block_rows=block_rows)
+    expected_indices, expected_scores = brute_force(index.embeddings, queries, k)
+    assert result.indices.dtype == np.int64 and result.scores.dtype == np.float32
+    assert result.indices.tolist() == expected_indices
+    np.testing.assert_allclose(result.scores, expected_scores, atol=1e-6)
+    assert result.ids == [[index.ids[i] for i in row] for row in expected_indices]
+
+
+@pytest.mark.parametrize("block_rows", [None, 1, 3, 7])
+def test_search_breaks_ties_by_gallery_position(block_rows):
+    # Basis vectors and halves give exact float products, so equal scores really are equal.
+    basis = np.eye(DIM, dtype=np.float32)
+    gallery = basis[np.random.default_rng(3).integers(0, 4, 40)]
+    index = GalleryIndex(MODEL, DIM)
+    index.add(records_for([f"t{i}" for i in range(40)]), gallery)
+    queries = np.zeros((3, DIM), np.float32)
+    queries[0, :4] = 0.5
+    queries[1, 0] = 1.0
+    queries[2, [1, 2]] = [0.6, 0.8]
+    for k in (1, 9, 25, 40):
+        result = index.search(queries, k, device="cpu", block_rows=block_rows)
+        expected, _ = brute_force(gallery, queries, k)
+        assert result.indices.tolist() == expected
+
+
+def test_search_of_fp16_gallery_scores_the_stored_values():
+    index = make_index(30, storage="fp16", seed=4)
+    assert index.embeddings.dtype == np.float16
+    queries = random_unit(4, seed=5)
+    result = index.search(queries, 10, device="cpu", block_rows=8)
+    expected, scores = brute_force(index.embeddings, queries, 10)
+    assert result.indices.tolist() == expected
+    np.testing.assert_allclose(result.scores, scores, atol=1e-6)
+
+
+def test_search_of_empty_index_and_bad_arguments():
+    index = make_index(0)
+    result = index.search(random_unit(2), 5, device="cpu")
+    assert result.scores.shape == (2, 0) and result.ids == [[], []]
+    with pytest.raises(ValueError, match="k must be"):
+        make_index(3).search(random_unit(1), 0)
+    with pytest.raises(ValueError, match="shape"):
+        make_index(3).search(random_unit(1)[0], 1)
+    with pytest.raises(ValueError, match="device"):
+        make_index(3).search(random_unit(1), 1, device="tpu")
+
+
+def test_similarity_matrix_is_the_full_product():
+    index = make_index(23, storage="fp16", seed=6)
+    queries = random_unit(5, seed=7)
+    expected = queries @ index.embeddings.astype(np.float32).T
+    for block_rows in (None, 4):
+        matrix = index.similarity_matrix(queries, device="cpu", block_rows=block_rows)
+        assert matrix.dtype == np.float32 and matrix.shape == (5, 23)
+        np.testing.assert_allclose(matrix, expected, atol=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed; this checks its absence")
+def test_cuda_search_without_cupy_says_what_is_missing():
+    from galr.runtime.backends.device import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="CuPy"):
+        make_index(3).search(random_unit(1), 1, device="cuda")
+    assert make_index(3).search(random_unit(1), 2, device="auto").indices.shape == (1, 2)
+
+
+def test_device_copy_of_the_gallery_follows_edits(monkeypatch):
+    """The device path (a stand-in module for CuPy) keeps one gallery copy and refreshes it after edits."""
+
+    class FakeDeviceArray(np.ndarray):
+        def get(self) -> np.ndarray:
+            return np.asarray(self)
+
+    class FakeDevice:
+        copies = 0
+
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        def asarray(self, values):
+            FakeDevice.copies += 1
+            return np.array(values).view(FakeDeviceArray)
+
+    monkeypatch.setattr(index_module, "_array_module", lambda device: np if device == "cpu" else FakeDevice())
+    index = make_index(20, seed=16)
+    queries = random_unit(3, seed=17)
+    first = index.search(queries, 4, device="cuda", block_rows=6)
+    index.search(queries, 4, device="cuda")
+    assert FakeDevice.copies == 3  # the gallery once, the queries of each search
+    assert first.ids == index.search(queries, 4, device="cpu").ids
+    index.add(records_for(["query-twin"]), queries[:1])
+    again = index.search(queries, 4, device="cuda", block_rows=6)
+    assert FakeDevice.copies == 5  # the edit made the gallery copy stale
+    assert again.ids[0][0] == "query-twin" and again.ids == index.search(queries, 4, device="cpu").ids
+
+
+@pytest.mark.gpu
+def test_cuda_search_equals_cpu_search():
+    index = make_index(300, storage="fp16", seed=8)
+    index.add(records_for(["dup-a", "dup-b"]), np.repeat(index.embeddings[:1].astype(np.float32), 2, axis=0))
+    queries = np.concatenate([random_unit(7, seed=9), index.embeddings[:1].astype(np.float32)])
+    for block_rows in (None, 17):
+        gpu = index.search(queries, 12, device="cuda", block_rows=block_rows)
+        cpu = index.search(queries, 12, device="cpu", block_rows=block_rows)
+        np.testing.assert_allclose(gpu.scores, cpu.scores, atol=1e-5)
+        assert gpu.ids[:-1] == cpu.ids[:-1]
+        assert gpu.indices[-1, :3].tolist() == [0, 300, 301]  # three equal best scores, by position
+    np.testing.assert_allclose(index.similarity_matrix(queries, device="cuda"),
+                               index.similarity_matrix(queries, device="cpu"), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The file
+
+
+def _saved(tmp_path: Path, storage: str = "fp32") -> tuple[GalleryIndex, Path]:
+    index = make_index(12, storage=storage, seed=10)
+    index.add([ImageRecord("geo.tif", "/g.tif", 100, 50, lat=1.5, lon=2.5, footprint=[(2, 1), (3, 1), (3, 2)],
+                           extra={"tags": ["port"]})], random_unit(1, seed=11))
+    index.add_text_bank(["two ships", "a bridge over a river"], random_unit(2, seed=12))
+    return index, index.save(tmp_path / "gallery.gidx")
+
+
+@pytest.mark.parametrize("storage", ["fp32", "fp16"])
+def test_save_and_load_round_trip(tmp_path, storage):
+    index, path = _saved(tmp_path, storage)
+    loaded = load_index(path, expected_model_hash=MODEL)
+    assert loaded.storage == storage and loaded.embeddings.dtype == index.embeddings.dtype
+    np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
+    assert loaded.records == index.records and loaded.ids == index.ids
+    assert loaded.text_bank_texts == index.text_bank_texts
+    np.testing.assert_array_equal(loaded.text_bank_embeddings, index.text_bank_embeddings)
+    assert (loaded.model_hash, loaded.embed_dim, loaded.built_with) == (MODEL, DIM, "fake.plan")
+    assert (loaded.created, loaded.updated, loaded.galr_version) == (index.created, index.updated, index.galr_version)
+    queries = random_unit(3, seed=13)
+    assert loaded.search(queries, 5, device="cpu").ids == index.search(queries, 5, device="cpu").ids
+    loaded.add(records_for(["after-load.png"]), random_unit(1, seed=14))  # a loaded index stays editable
+    assert len(loaded) == len(index) + 1
+
+
+def test_saved_members_are_listed_with_hashes(tmp_path):
+    _, path = _saved(tmp_path)
+    with zipfile.ZipFile(path) as archive:
+        header = json.loads(archive.read("header.json"))
+        assert all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist())
+        for name, entry in header["members"].items():
+            assert hashlib.sha256(archive.read(name)).hexdigest() == entry["sha256"]
+    assert (header["format"], header["format_version"], header["count"], header["text_bank_count"]) == \
+        ("galr-index", 1, 13, 2)
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_failed_save_keeps_the_previous_index(tmp_path, monkeypatch, failure):
+    index, path = _saved(tmp_path)
+    before = path.read_bytes()
+    index.add(records_for(["new.png"]), random_unit(1, seed=15))
+    original = index_module._write_json_member
+
+    def fail_midway(archive, name, payload):
+        if name == "records.json":  # after the embeddings were written
+            raise failure
+        return original(archive, name, payload)
+
+    monkeypatch.setattr(index_module, "_write_json_member", fail_midway)
+    with pytest.raises(type(failure)):
+        index.save(path)
+    assert path.read_bytes() == before
+    assert len(load_index(path)) == 13
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gallery.gidx"]
+
+
+def _rewrite(path: Path, replace: dict[str, bytes | None], header_changes: dict[str, Any] | None = None) -> None:
+    """Copy the index with members replaced (None drops one) and header fields changed."""
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    header = json.loads(members["header.json"])
+    header.update(header_changes or {})
+    members["header.json"] = json.dumps(header).encode()
+    members.update(replace)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            if data is not None:
+                archive.writestr(name, data)
+
+
+def _object_npy() -> bytes:
+    stream = io.BytesIO()
+    np.save(stream, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    return stream.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "not a readable zip"),
+        (lambda p: p.write_bytes(b"plain text"), "not a readable zip"),
+        (lambda p: _rewrite(p, {}, {"format_version": 99}), "version 99 is not supported"),
+        (lambda p: _rewrite(p, {}, {"format": "something-else"}), "not a galr index"),
+        (lambda p: _rewrite(p, {"header.json": None}), "no header.json"),
+        (lambda p: _rewrite(p, {}, {"count": "many"}), "invalid model_hash, sizes"),
+        (lambda p: _rewrite(p, {}, {"count": 3}), r"embeddings.npy is float32 \(13, 8\), the header says"),
+        (lambda p: _rewrite(p, {"text_bank.json": None}), r"members \['text_bank.json'\] are missing"),
+        (lambda p: _rewrite(p, {"records.json": b"[]"}), "records.json fails its SHA-256"),
+        (lambda p: _rewrite(p, {"embeddings.npy": _object_npy()}), "embeddings.npy cannot be parsed"),
+    ],
+)
+def test_damaged_files_are_refused_with_the_path(tmp_path, damage, message):
+    _, path = _saved(tmp_path)
+    damage(path)
+    with pytest.raises(IndexFormatError, match=message) as caught:
+        load_index(path)
+    assert str(path) in str(caught.value)
+
+
+def test_flipped_byte_in_the_embeddings_is_detected(tmp_path):
+    index, path = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    needle = index.embeddings[5].tobytes()
+    offset = bytes(data).index(needle)
+    data[offset + 3] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexFormatError, match="damaged"):
+        load_index(path)
+
+
+def test_missing_file_and_model_mismatch(tmp_path):
+    with pytest.raises(FileNotFoundError, match="galr-index"):
+        load_index(tmp_path / "absent.gidx")
+    _, path = _saved(tmp_path)
+    with pytest.raises(IndexModelMismatchError, match=r"fake\.plan.*galr-index IMAGES --engine <bundle> -o"):
+        load_index(path, expected_model_hash="another-model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building from files
+
+
+def test_iter_image_files_is_recursive_case_insensitive_and_sorted(tmp_path):
+    for name in ["b.PNG", "a.jpg", "sub/c.TIF", "sub/deeper/d.jpeg", "e.bmp", "notes.txt", "f.tiff"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = [p.relative_to(tmp_path).as_posix() for p in iter_image_files(tmp_path)]
+    assert found == ["a.jpg", "b.PNG", "e.bmp", "f.tiff", "sub/c.TIF", "sub/deeper/d.jpeg"]
+    with pytest.raises(NotADirectoryError):
+        iter_image_files(tmp_path / "a.jpg")
+
+
+def test_read_text_lines_skips_blanks_and_comments(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_text("\ufeff# header\nships in a harbour\n\n   \n  # indented comment\n a dense forest \n", encoding="utf-8")
+    assert read_text_lines(path) == ["ships in a harbour", "a dense forest"]
+
+
+def test_image_id_is_relative_to_the_root(tmp_path):
+    assert image_id(tmp_path / "a" / "b.png", tmp_path) == "a/b.png"
+    assert image_id("x/y.png", None) == "x/y.png"
+    with pytest.raises(ValueError, match="not inside"):
+        image_id("/elsewhere/y.png", tmp_path)
+
+
+def test_build_index_skips_broken_images_and_keeps_their_batch(tmp_path):
+    good = [write_image(tmp_path / "a.png", 1), write_image(tmp_path / "sub" / "b.png", 2, (10, 30)),
+            write_image(tmp_path / "c.jpg", 3), write_image(tmp_path / "d.png", 4)]
+    unreadable, truncated = write_broken_images(tmp_path)
+    paths = [good[0], unreadable, good[1], truncated, good[2], good[3]]
+    engine = FakeEngine()
+    index, skipped = build_index(engine, paths, batch_size=3, storage="fp16", progress=False, root=tmp_path)
+    assert index.ids == ["a.png", "sub/b.png", "c.jpg", "d.png"]
+    # The unreadable file is caught before encoding; the truncated one fails its batch, retried one by one.
+    assert [len(batch) for batch, _ in engine.calls] == [2, 3, 1, 1, 1]
+    assert [s.path for s in skipped] == [str(unreadable), str(truncated)]
+    assert all(str(s.path) in s.reason for s in skipped)
+    assert (index.get("sub/b.png").width, index.get("sub/b.png").height) == (10, 30)
+    assert index.get("a.png").path == str(good[0].resolve())
+    assert index.model_hash == MODEL and index.storage == "fp16" and index.built_with == "fake.plan"
+    expected = np.concatenate([engine.encode_images([p]) for p in good]).astype(np.float16)
+    np.testing.assert_array_equal(index.embeddings, expected)
+
+
+def test_build_index_passes_local_through_and_skips_images_missing_from_a_table(tmp_path):
+    class Table:
+        source = "table.npz"
+
+        def lookup(self, name):
+            raise AssertionError("the fake engine does not read the table")
+
+        def __contains__(self, name):
+            return Path(name).stem != "b"
+
+    paths = [write_image(tmp_path / f"{name}.png", seed) for seed, name in enumerate("abc")]
+    engine, table = FakeEngine(), Table()
+    index, skipped = build_index(engine, paths, local=table, batch_size=8, progress=False)
+    assert index.ids == [paths[0].as_posix(), paths[2].as_posix()]
+    assert len(skipped) == 1 and "table.npz" in skipped[0].reason
+    assert [local for _, local in engine.calls] == [table]
+    detections = tmp_path / "dets"
+    detections.mkdir()
+    build_index(engine, paths, local=detections, progress=False)
+    assert engine.calls[-1][1] == detections
+    with pytest.raises(NotADirectoryError, match="detections folder"):
+        build_index(engine, paths, local=tmp_path / "missing", progress=False)
+
+
+def test_build_index_refuses_repeated_ids(tmp_path):
+    path = write_image(tmp_path / "a.png", 1)
+    with pytest.raises(ValueError, match="occur twice"):
+        build_index(FakeEngine(), [path, path], progress=False)
