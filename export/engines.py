@@ -28,6 +28,14 @@ def precision_hash(bundle, precision: str) -> str:
     return sha256_bytes(b"".join(bundle.onnx_bytes(name, precision) for name in graphs.GRAPH_NAMES))
 
 
+def check_engine_build_possible() -> None:
+    """Raise :class:`EngineBuildUnavailable` unless TensorRT imports and a GPU is visible."""
+    if probe_tensorrt() is None:
+        raise EngineBuildUnavailable("TensorRT is not installed (pip install 'galr[tensorrt]' on a GPU machine)")
+    if probe_gpu() is None:
+        raise EngineBuildUnavailable("no CUDA GPU is visible")
+
+
 def build_bundle_engines(bundle_path: Path, precisions: list[str] | None = None, max_batch: int = 32,
                          workspace_bytes: int = 2 << 30, timing_cache: Path | None = None,
                          log: Callable[[str], None] = print, trt=None) -> list[dict[str, Any]]:
@@ -39,13 +47,12 @@ def build_bundle_engines(bundle_path: Path, precisions: list[str] | None = None,
     """
     from galr.export.tensorrt import TensorRTBuildConfig, build_engine, default_profiles
 
+    if trt is None:
+        check_engine_build_possible()
     gpu = probe_gpu()
-    trt_info = probe_tensorrt() if trt is None else None
-    if trt is None and trt_info is None:
-        raise EngineBuildUnavailable("TensorRT is not installed (pip install 'galr[tensorrt]' on a GPU machine)")
     if gpu is None:
         raise EngineBuildUnavailable("no CUDA GPU is visible")
-    trt_version = trt_info.version if trt_info else str(trt.__version__)
+    trt_version = str(trt.__version__) if trt is not None else probe_tensorrt().version
     bundle = read_bundle(bundle_path)
     config = GaLRConfig.from_dict(bundle.manifest["model"])
     max_text = int(bundle.manifest.get("tokenizer", {}).get("max_length", 64))
@@ -60,7 +67,8 @@ def build_bundle_engines(bundle_path: Path, precisions: list[str] | None = None,
             build = TensorRTBuildConfig(precision=precision, workspace_bytes=workspace_bytes, profiles=profiles,
                                         timing_cache=str(timing_cache) if timing_cache else None)
             log(f"building TensorRT {precision} engine for the {name} graph on {gpu.name} ({key.as_string()})")
-            plan = build_engine(bundle.onnx_bytes(name, precision), build, trt, source_precision=precision)
+            plan = build_engine(bundle.onnx_bytes(name, precision), build, trt, source_precision=precision,
+                                gpu_probe=lambda: gpu)
             member = engine_member(key.as_string(), name)
             members[member] = plan
             entry["members"][name] = member

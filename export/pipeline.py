@@ -257,6 +257,10 @@ def export_bundle(settings: ExportSettings, log: Callable[[str], None] = print) 
     from galr.model import load_checkpoint
 
     report = ExportReport(settings.output)
+    if settings.tensorrt == "yes":  # fail before minutes of export, not after
+        from galr.export.engines import check_engine_build_possible
+
+        check_engine_build_possible()
     loaded = load_checkpoint(settings.checkpoint, vocab=settings.vocab)
     from galr.preprocess.text import Tokenizer
 
