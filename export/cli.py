@@ -49,7 +49,7 @@ def _format_report(report) -> str:
                    f"[default: {paths.DEFAULT_BENCHMARK} when it exists].")
 @click.option("--split", default="test", show_default=True, help="Split used for the accuracy gates.")
 @click.option("--calibration-split", default="train", show_default=True)
-@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="entropy", show_default=True)
+@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="percentile", show_default=True)
 @click.option("--calibration-images", type=int, default=128, show_default=True)
 @click.option("--gate-images", type=int, default=0, show_default=True, help="Images for the mR gates (0 = whole split).")
 @click.option("--max-text-length", type=int, default=64, show_default=True, help="Longest query, in tokens.")
