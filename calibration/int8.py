@@ -655,11 +655,7 @@ def _calibration_inputs(settings: CalibrationSettings, loaded: "LoadedCheckpoint
     if settings.dataset is None:
         raise CalibrationError("INT8 calibration needs data: set CalibrationSettings.dataset (images with "
                                "detections and captions) or pass inputs=")
-    from galr.preprocess.drea import DREAConfig
-    from galr.preprocess.image import ImagePreprocessConfig
-
-    image_config = ImagePreprocessConfig.from_dict(loaded.preprocess) if loaded.preprocess else ImagePreprocessConfig()
-    drea_config = DREAConfig.from_dict(loaded.drea) if loaded.drea else DREAConfig()
+    image_config, drea_config = loaded.image_config(), loaded.drea_config()
     log(f"reading up to {settings.max_images} calibration images of the {settings.split} split of {settings.dataset}")
     try:
         chosen = load_calibration_inputs(settings.dataset, settings.split, settings.max_images, settings.seed,

@@ -96,11 +96,9 @@ def _parity_inputs(settings: ExportSettings, loaded, log) -> tuple[Any, str]:
     config = loaded.model.config
     if settings.dataset is not None:
         from galr.data import DatasetPaths, load_split
-        from galr.preprocess.drea import DREAConfig
-
         paths = DatasetPaths.find(settings.dataset)
         split = load_split(settings.dataset, settings.split, image_dir=paths.images)
-        image_config, drea_config = image_config_of(loaded), DREAConfig.from_dict(loaded.drea) if loaded.drea else DREAConfig()
+        image_config, drea_config = loaded.image_config(), loaded.drea_config()
         log(f"reading {settings.split} split of {settings.dataset} ({len(split.image_names)} images)")
         inputs = load_split_inputs(split, image_config, drea_config, detections_dir=paths.detections, progress=True)
         return inputs, f"{settings.dataset} [{settings.split}]"
@@ -112,15 +110,6 @@ def _parity_inputs(settings: ExportSettings, loaded, log) -> tuple[Any, str]:
     inputs = SplitInputs(tuple(f"random_{i}" for i in range(n)), rng.standard_normal((n, 3, s, s), dtype=np.float32),
                          rng.random((n, config.num_objects, config.object_dim), dtype=np.float32), adj, captions)
     return inputs, "random images and DREA matrices, captions of random vocabulary words"
-
-
-def image_config_of(loaded):
-    """The checkpoint's image preprocessing, defaulting to the original's at the model's input size."""
-    from galr.preprocess.image import ImagePreprocessConfig
-
-    if loaded.preprocess:
-        return ImagePreprocessConfig.from_dict(loaded.preprocess)
-    return ImagePreprocessConfig(size=loaded.model.config.image_size)
 
 
 def _check_fp32_graphs(model, graphs_fp32: dict[str, bytes], inputs, tokenizer, count: int) -> dict[str, dict]:
@@ -170,7 +159,6 @@ def _toolchain() -> dict[str, str]:
 def build_manifest(loaded, checkpoint: Path, graph_bytes: dict[str, dict[str, bytes]], settings: ExportSettings,
                    report: ExportReport) -> dict[str, Any]:
     """The manifest: everything the runtime needs besides the graphs, and where they came from."""
-    from galr.preprocess.drea import DREAConfig
     from galr.preprocess.text import PAD_ID, PUNCTUATION
 
     config = loaded.model.config
@@ -185,8 +173,8 @@ def build_manifest(loaded, checkpoint: Path, graph_bytes: dict[str, dict[str, by
         "tokenizer": {"lowercase": True, "sentence_split": "punkt (untrained parameters)", "word_tokenizer": "NLTKWordTokenizer",
                       "punctuation_removed": list(PUNCTUATION), "unk_id": loaded.vocab.unk_id, "pad_id": PAD_ID,
                       "max_length": settings.max_text_length, "truncation": "keep the first max_length tokens"},
-        "preprocess": image_config_of(loaded).to_dict(),
-        "drea": loaded.drea or DREAConfig().to_dict(),
+        "preprocess": loaded.image_config().to_dict(),
+        "drea": loaded.drea_config().to_dict(),
         "graphs": {name: {"inputs": [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in spec.inputs],
                           "outputs": [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in spec.outputs]}
                    for name, spec in io.items()},

@@ -57,6 +57,20 @@ class LoadedCheckpoint:
     drea: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def image_config(self):
+        """The image preprocessing that goes with these weights (the original's at the model's input size)."""
+        from galr.preprocess.image import ImagePreprocessConfig
+
+        if self.preprocess:
+            return ImagePreprocessConfig.from_dict(self.preprocess)
+        return ImagePreprocessConfig(size=self.model.config.image_size)
+
+    def drea_config(self):
+        """The DREA settings that go with these weights (galr's defaults when none were stored)."""
+        from galr.preprocess.drea import DREAConfig
+
+        return DREAConfig.from_dict(self.drea) if self.drea else DREAConfig()
+
 
 def _read(path: Path) -> Any:
     if not path.is_file():
