@@ -57,6 +57,7 @@ from galr.calibration.readers import (
 )
 from galr.export.parity import compare
 from galr.retrieval.evaluate import SplitInputs
+from galr.serialization import fields_from_dict
 
 if TYPE_CHECKING:
     from galr.model.checkpoint import LoadedCheckpoint
@@ -170,11 +171,10 @@ class CalibrationSettings:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "CalibrationSettings":
         """Inverse of :meth:`to_dict`; unknown keys are an error so a newer file is never half-read."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise CalibrationError(f"unknown CalibrationSettings fields {unknown}; is this from a newer galr?")
-        return cls(**dict(values))
+        try:
+            return cls(**fields_from_dict(cls, values))
+        except ValueError as error:
+            raise CalibrationError(str(error)) from None
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from galr.runtime.backends.tensorrt import (
     onnx_sha256,
     tensorrt_major,
 )
+from galr.serialization import fields_from_dict
 
 LOG = logging.getLogger(__name__)
 
@@ -117,12 +118,7 @@ class TensorRTBuildConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TensorRTBuildConfig":
-        known = {"precision", "workspace_bytes", "profiles", "timing_cache", "builder_optimization_level",
-                 "version_compatible"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TensorRTBuildConfig fields {unknown}; is this file from a newer galr?")
-        return cls(**dict(data))
+        return cls(**fields_from_dict(cls, data, lists_to_tuples=False))
 
 
 def default_profiles(

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from galr.serialization import fields_from_dict
+
 
 @dataclass(frozen=True)
 class GaLRConfig:
@@ -70,12 +72,7 @@ class GaLRConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "GaLRConfig":
         """Inverse of :meth:`to_dict`; unknown keys are an error so a newer file is never half-read."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown GaLRConfig fields {unknown}; is this file from a newer galr?")
-        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**fixed)
+        return cls(**fields_from_dict(cls, values))
 
 
 @dataclass(frozen=True)

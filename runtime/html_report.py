@@ -9,8 +9,6 @@ import io
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image
-
 THUMBNAIL_PX = 160
 
 _STYLE = """

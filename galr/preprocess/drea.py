@@ -44,7 +44,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .detections import Detection, DetectionSet, normalize_label
+from galr.preprocess.detections import Detection, DetectionSet, normalize_label
+from galr.serialization import fields_from_dict
 
 DOTA_V1_CLASSES: tuple[str, ...] = (
     "plane", "ship", "storage-tank", "baseball-diamond", "tennis-court", "basketball-court",
@@ -159,11 +160,7 @@ class DREAConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DREAConfig":
         """Inverse of :meth:`to_dict`; unknown keys are an error so a newer manifest is never half-read."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown DREAConfig fields {unknown}; is this manifest from a newer galr?")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return cls(**fields_from_dict(cls, values))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ from typing import Any, BinaryIO, Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from galr.serialization import fields_from_dict
+
 # Pillow's own hard limit (it raises above 2 * MAX_IMAGE_PIXELS); 178_956_970 px ~ 13_377 x 13_377.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
 
@@ -118,11 +120,7 @@ class ImagePreprocessConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ImagePreprocessConfig":
         """Inverse of :meth:`to_dict`; unknown keys are an error so a newer manifest is never half-read."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown ImagePreprocessConfig fields {unknown}; is this manifest from a newer galr?")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return cls(**fields_from_dict(cls, values))
 
 
 # ---------------------------------------------------------------------------------------------

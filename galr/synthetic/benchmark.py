@@ -33,6 +33,7 @@ import numpy as np
 import PIL
 from tqdm import tqdm
 
+from galr.serialization import fields_from_dict
 import galr
 from galr.data import DatasetPaths, RetrievalSplit, write_split
 from galr.synthetic.captions import build_vocabulary, generate_captions
@@ -111,11 +112,7 @@ class BenchmarkConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "BenchmarkConfig":
         """Inverse of :meth:`to_dict`; unknown keys are an error so a newer file is never half-read."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown BenchmarkConfig fields {unknown}; is this file from a newer galr?")
-        fixed = dict(values)
+        fixed = fields_from_dict(cls, values, lists_to_tuples=False)
         if "scene" in fixed:
             fixed["scene"] = SceneConfig.from_dict(fixed["scene"])
         if "detector_noise" in fixed:

@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from galr.serialization import fields_from_dict
 from galr.synthetic.scenes import CLASS_STYLES, OBJECT_CLASSES, SceneSpec, object_outline, pick
 
 Box = tuple[float, float, float, float]
@@ -142,11 +143,7 @@ class DetectorNoise:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "DetectorNoise":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown DetectorNoise fields {unknown}; is this file from a newer galr?")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return cls(**fields_from_dict(cls, values))
 
 
 def box_iou(a: Box, b: Box) -> float:

@@ -27,6 +27,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from galr.serialization import fields_from_dict
+
 LAND_COVERS: tuple[str, ...] = ("water", "grass", "bare-soil", "urban", "forest", "desert")
 OBJECT_CLASSES: tuple[str, ...] = (
     "plane",
@@ -496,11 +498,7 @@ class SceneConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "SceneConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown SceneConfig fields {unknown}; is this file from a newer galr?")
-        fixed: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        fixed = fields_from_dict(cls, values)
         if "theme_weights" in fixed:
             fixed["theme_weights"] = tuple((str(t), float(w)) for t, w in fixed["theme_weights"])
         return cls(**fixed)
