@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import galr.retrieval.rerank as rerank_module
 from galr.bench.mr_reference import i2t_rerank_optim, t2i_rerank_optim
 from galr.config import RerankConfig
 from galr.retrieval.rerank import (
@@ -211,3 +212,165 @@ def test_candidate_form_equals_online_form_on_its_candidates():
     np.testing.assert_allclose(scores, np.take_along_axis(dense, order, axis=1), atol=1e-6)
     with pytest.raises(ValueError, match=r"\[nb, nq, K\]"):
         rerank_candidates(values, bank, config)
+
+
+# --- survivor path (numpy float32/float64) against the sort path and the loop -----------------------
+
+
+def _cosine(n_query: int, n_gallery: int, dtype: type, seed: int) -> np.ndarray:
+    """Cosine similarities of L2-normalised random embeddings, computed in ``dtype`` (as an encoder would)."""
+    rng = np.random.default_rng(seed)
+    queries, gallery = rng.standard_normal((n_query, 48)), rng.standard_normal((n_gallery, 48))
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    return queries.astype(dtype) @ gallery.astype(dtype).T
+
+
+def _hard_matrix(kind: str, dtype: type, seed: int = 0) -> np.ndarray:
+    """[40, 160] matrices that drive the survivor path into each of its exact fallbacks."""
+    rng = np.random.default_rng(seed)
+    sim = rng.random((40, 160))
+    if kind == "outlier_rows":  # below the sampled floor: redone with full-row argsorts and column counts
+        sim[[5, 22]] *= 0.2
+    elif kind == "tied_tops":  # equal values inside a query's top K + 1, and repeated inside a column
+        for query in (3, 17, 30):
+            top = np.argsort(-sim[query])[:12]
+            sim[query, top[4]] = sim[query, top[2]]
+            sim[(query + 7) % 40, top[0]] = sim[query, top[0]]
+    elif kind == "float32_collisions":  # distinct float64 values that round to one float32
+        for query in (2, 9, 33):
+            top = np.argsort(-sim[query])[:12]
+            sim[query, top[6]] = np.nextafter(sim[query, top[5]], -1.0)
+            sim[(query + 3) % 40, top[1]] = np.nextafter(sim[query, top[1]], 2.0)
+    elif kind == "signed_zeros":  # -0.0 == 0.0 as the largest values of a few rows and columns
+        sim = -sim
+        sim[[4, 19, 28], [7, 60, 99]] = 0.0
+        sim[[4, 19, 11], [8, 61, 99]] = -0.0
+    return sim.astype(dtype)
+
+
+def _both_orientations(sim: np.ndarray) -> list[np.ndarray]:
+    return [sim, sim.T]  # C-contiguous (i2t) and a transposed view (t2i): the two scan layouts
+
+
+def _assert_paths_agree(sim: np.ndarray, k: int, block_elements: int = 1 << 22) -> None:
+    found = rerank_module._survivor_statistics(sim, k, block_elements=block_elements)
+    assert found is not None, "the survivor path gave up"
+    cand, values, reverse_ranks, column_sums = found
+    rows = max(1, block_elements // sim.shape[1])
+    expected_cand, expected_values, expected_ranks = rerank_module._sorted_statistics(np, sim, k, rows=rows)
+    np.testing.assert_array_equal(cand, expected_cand)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(reverse_ranks, expected_ranks)
+    np.testing.assert_array_equal(column_sums, [np.sum(sim[:, g]) for g in range(sim.shape[1])])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(45, 230), (230, 45), (24, 300), (64, 64)])
+def test_survivor_path_equals_the_sort_path(shape, dtype):
+    for sim in _both_orientations(_cosine(*shape, dtype, seed=shape[0])):
+        # K + 1 == gallery size (300 x 24) is the smallest gallery the survivor path takes.
+        _assert_paths_agree(sim, k=min(30, sim.shape[1] - 1))
+
+
+@pytest.mark.parametrize("kind", ["outlier_rows", "tied_tops", "float32_collisions", "signed_zeros"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_survivor_path_resolves_ties_and_low_queries_exactly(kind, dtype, monkeypatch):
+    calls = {"redone": 0, "argsorted_columns": 0}
+    exact_forward, reverse_positions = rerank_module._exact_forward, rerank_module._reverse_positions
+
+    def spy_forward(sim, queries, *args, **kwargs):
+        calls["redone"] += queries.size
+        return exact_forward(sim, queries, *args, **kwargs)
+
+    def spy_reverse(*args, **kwargs):
+        calls["argsorted_columns"] += 1
+        return reverse_positions(*args, **kwargs)
+
+    monkeypatch.setattr(rerank_module, "_exact_forward", spy_forward)
+    monkeypatch.setattr(rerank_module, "_reverse_positions", spy_reverse)
+    sim = _hard_matrix(kind, dtype)
+    for view in _both_orientations(sim):
+        _assert_paths_agree(view, k=10)
+    expected = "argsorted_columns" if kind == "float32_collisions" else "redone"
+    if kind != "float32_collisions" or dtype == np.float64:  # float32 input has no float64 near-ties
+        assert calls[expected] > 0, calls
+    np.testing.assert_array_equal(rerank_i2t(sim, CONFIG), i2t_rerank_optim(sim, CONFIG.k, CONFIG.wp1, CONFIG.wp2))
+    np.testing.assert_array_equal(rerank_t2i(sim, CONFIG), t2i_rerank_optim(sim, CONFIG.k, CONFIG.wp1, CONFIG.wp2))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cosine_matrices_are_bit_identical_to_the_original(dtype):
+    sim = _cosine(50, 250, dtype, seed=11)
+    config = RerankConfig(k=20, wp1=0.7, wp2=0.9)
+    np.testing.assert_array_equal(rerank_i2t(sim, config), i2t_rerank_optim(sim, config.k, config.wp1, config.wp2))
+    np.testing.assert_array_equal(rerank_t2i(sim, config), t2i_rerank_optim(sim, config.k, config.wp1, config.wp2))
+    assert rerank_i2t(sim, config).dtype == np.float32
+
+
+def test_small_blocks_do_not_change_the_survivor_path():
+    sim = _cosine(40, 180, np.float64, seed=3)
+    for direction in ("i2t", "t2i"):
+        whole = rerank(sim, direction, CONFIG)
+        for chunk in (1, 7):
+            np.testing.assert_array_equal(rerank(sim, direction, CONFIG, query_chunk=chunk), whole)
+    view = np.asfortranarray(sim)[::2, ::3]  # neither C- nor F-contiguous
+    np.testing.assert_array_equal(rerank_t2i(view, CONFIG), rerank_t2i(np.ascontiguousarray(view), CONFIG))
+
+
+def test_tie_heavy_matrices_hand_over_to_the_sort_path():
+    sim = _matrix((40, 160), "ties64", seed=1)
+    assert rerank_module._survivor_statistics(sim, 30, block_elements=1 << 22) is None
+    assert _max_diff(rerank_i2t(sim, CONFIG), _loop_mr(sim, CONFIG)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_survivor_path_rejects_non_finite_entries(bad_value, direction):
+    sim = _cosine(30, 150, np.float32, seed=2)
+    sim[7, 40] = bad_value
+    with pytest.raises(ValueError, match="NaN or inf"):
+        rerank(sim, direction, CONFIG)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pairwise_column_sums_match_numpy_per_column(dtype):
+    rng = np.random.default_rng(4)
+    for n_rows in (1, 7, 8, 9, 127, 128, 129, 300, 1001):
+        matrix = (rng.standard_normal((n_rows, 13)) * 10.0 ** rng.uniform(-3, 3, (n_rows, 1))).astype(dtype)
+        matrix[:, 0] = -0.0  # numpy's sum of -0.0s is 0.0
+        for step in (3, 64, 1 << 30):
+            runs: list[tuple[int, int]] = []
+
+            def record(first: int, rows: np.ndarray) -> None:
+                runs.append((first, len(rows)))
+
+            sums = rerank_module._pairwise_column_sums(matrix, record, step=step)
+            np.testing.assert_array_equal(sums, [np.sum(matrix[:, j]) for j in range(13)])
+            assert np.signbit(sums[0]) == np.signbit(np.sum(matrix[:, 0]))
+            assert [first for first, _ in runs] == list(np.cumsum([0] + [size for _, size in runs])[:-1])
+            assert sum(size for _, size in runs) == n_rows
+
+
+@pytest.mark.parametrize("size", [0, 5, 64, 1003, 40_001])
+def test_true_positions_equal_flatnonzero(size):
+    rng = np.random.default_rng(size)
+    for density in (0.0, 0.004, 0.05, 0.5, 1.0):
+        mask = rng.random(size) < density
+        for sparse in (True, False):
+            np.testing.assert_array_equal(rerank_module._true_positions(mask, sparse=sparse), np.flatnonzero(mask))
+    grid = rng.random((37, 91)) < 0.03
+    np.testing.assert_array_equal(rerank_module._true_positions(grid, sparse=True), np.flatnonzero(grid))
+
+
+def test_grouped_order_lexsort_fallback_equals_packed_sort():
+    rng = np.random.default_rng(6)
+    groups = rng.integers(0, 50, 5000)
+    keys = rng.integers(0, 40, 5000).astype(np.uint32)  # many equal (group, key) pairs
+    packed_order, packed_heads = rerank_module._grouped_order(groups, keys, 50)
+    # A group count too large for the 64-bit packing takes the lexsort branch.
+    lexsort_order, lexsort_heads = rerank_module._grouped_order(groups, keys, 1 << 40)
+    np.testing.assert_array_equal(packed_order, lexsort_order)
+    np.testing.assert_array_equal(packed_heads, lexsort_heads)
+    np.testing.assert_array_equal(packed_order, np.lexsort((keys, groups)))
+    np.testing.assert_array_equal(packed_heads >> np.uint64(32), groups[packed_order])
