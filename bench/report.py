@@ -1,0 +1,391 @@
+"""Render ``BENCHMARKS.md`` from a ``galr-bench`` result document (JSON in, Markdown out, no measuring).
+
+Every figure in the Markdown comes from the JSON; sections that did not run show their reason.
+Latency cells read ``median [min-max]`` over the repeated runs; speed-ups are against PyTorch eager
+of the same run (``x2.0`` = twice as fast as eager).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from galr.bench.harness import STATUS_OK
+
+Row = Sequence[str]
+
+
+def _table(header: Row, rows: Iterable[Row]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    """A number with ``digits`` significant digits (thousands kept whole), or a dash."""
+    if value is None:
+        return "-"
+    if abs(value) >= 10 ** digits:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+def _spread(spread: Mapping[str, float] | None, scale: float = 1.0) -> str:
+    if not spread:
+        return "-"
+    return (f"{_number(spread['median'] * scale)} [{_number(spread['min'] * scale)}-"
+            f"{_number(spread['max'] * scale)}]")
+
+
+def _speedup(value: float | None) -> str:
+    return "-" if value is None else f"x{value:.2f}"
+
+
+def _not_run(section: Mapping[str, Any]) -> str:
+    return f"_Not run: {section.get('reason', 'unknown reason')}._"
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else _number(value / 2**20)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _machine(results: Mapping[str, Any]) -> str:
+    machine = results["machine"]
+    versions = ", ".join(f"{name} {version}" for name, version in machine["versions"].items() if version)
+    caches = ", ".join(f"{level} {size}" for level, size in machine.get("caches", {}).items()) or "-"
+    gpu = machine.get("gpu")
+    rows = [
+        ("CPU", machine["cpu"]),
+        ("cores", f"{machine['usable_cpus']} usable ({machine['logical_cpus']} logical)"),
+        ("memory", f"{machine['memory_gib']} GiB"),
+        ("caches (per cpu0)", caches),
+        ("OS / Python", f"{machine['os']} / {machine['python']}"),
+        ("versions", versions),
+        ("threads", f"{machine['threads']} (torch intra-op, ONNX Runtime intra-op); numpy BLAS: "
+                    f"{results['settings'].get('blas_threads', '-')}"),
+        ("GPU", gpu["name"] if gpu else "none"),
+        ("TensorRT", machine.get("tensorrt") or "not installed"),
+        ("load average (1/5/15 min) at start / end",
+         f"{machine.get('load_average_start')} / {machine.get('load_average_end')}"),
+    ]
+    text = _table(("", ""), rows)
+    if results.get("note"):
+        text += f"\n\nNote from the person who ran it: {results['note']}"
+    start = machine.get("load_average_start") or [0.0]
+    if start[0] > (machine.get("usable_cpus") or 1):
+        text += (f"\n\n**The machine was shared during this run** (1-minute load {start[0]} on "
+                 f"{machine['usable_cpus']} cores at the start): other processes competed for the cores, so "
+                 "absolute times are pessimistic and the spread is wide; the ratios are measured interleaved "
+                 "(see Method) and are the figures to compare.")
+    return text
+
+
+def _commands(results: Mapping[str, Any]) -> str:
+    commands = [results["command"]]
+    if results.get("markdown_command"):
+        commands.append(results["markdown_command"])
+    return "```bash\n" + "\n".join(commands) + "\n```"
+
+
+def _backend_status(section: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    return {entry["name"]: entry for entry in section.get("backends", [])}
+
+
+def _encoders(section: Mapping[str, Any]) -> str:
+    if section.get("status") != STATUS_OK:
+        return _not_run(section)
+    settings = section["settings"]
+    backends = _backend_status(section)
+    labels = {name: entry["label"] for name, entry in backends.items()}
+    config = settings["config"]
+    parts = [
+        f"Model: GaLR with embed {config['embed_dim']}, image {config['image_size']} px, GRU hidden "
+        f"{config['gru_hidden']}, {section['model']}. Text: {settings['text_length']} tokens. End to end: "
+        f"{section['e2e']}. Setup (export, INT8 calibration, bundle): {section['setup_seconds']} s.",
+        "ONNX Runtime INT8 runs the global, local and fusion graphs as Q/DQ INT8; the INT8 set keeps the text graph "
+        "in FP32 (no Q/DQ tool quantises GRU internals, see `calibration/int8.py`), so its text and end-to-end rows "
+        "run the FP32 text graph.",
+    ]
+    rows = section["rows"]
+    encoders = list(dict.fromkeys(row["encoder"] for row in rows))
+    latency_rows = []
+    for encoder in encoders:
+        for name, entry in backends.items():
+            if entry["status"] != STATUS_OK:
+                latency_rows.append((encoder, labels[name], f"not run: {entry['reason']}", "", "", "", ""))
+                continue
+            row = next(r for r in rows if r["encoder"] == encoder and r["backend"] == name and r["batch"] == 1)
+            latency = row["latency_ms"]
+            latency_rows.append((encoder, labels[name], _spread(latency["p50"]), _spread(latency["p95"]),
+                                 _spread(latency["p99"]), f"{latency['runs']} x {latency['calls_per_run']}",
+                                 _speedup(row["speedup_vs_eager"])))
+    parts.append("**Latency at batch 1** (ms per call; median [min-max] over runs):")
+    parts.append(_table(("encoder", "backend", "p50", "p95", "p99", "runs x calls", "speed-up vs eager (p50)"),
+                        latency_rows))
+    batches = settings["batch_sizes"]
+    throughput_rows = []
+    for encoder in encoders:
+        for name, entry in backends.items():
+            if entry["status"] != STATUS_OK:
+                throughput_rows.append((encoder, labels[name], *[f"not run: {entry['reason']}"] + [""] * (len(batches) - 1)))
+                continue
+            cells = []
+            for batch in batches:
+                row = next(r for r in rows if r["encoder"] == encoder and r["backend"] == name and r["batch"] == batch)
+                cells.append(f"{_spread(row['items_per_s'])} ({_speedup(row['speedup_vs_eager'])})")
+            throughput_rows.append((encoder, labels[name], *cells))
+    parts.append("**Throughput** (items/s; median [min-max] over runs; speed-up vs eager of the same batch):")
+    parts.append(_table(("encoder", "backend", *[f"batch {b}" for b in batches]), throughput_rows))
+    return "\n\n".join(parts)
+
+
+def _gallery(section: Mapping[str, Any]) -> str:
+    if section.get("status") != STATUS_OK:
+        return _not_run(section)
+    settings = section["settings"]
+    build_rows = []
+    for row in section["build"]:
+        if row.get("status") != STATUS_OK:
+            build_rows.append((row["backend"], f"not run: {row['reason']}", "", ""))
+            continue
+        build_rows.append((row["backend"], row["images"], row["batch"], _spread(row["images_per_s"])))
+    search_rows = []
+    for row in section["search"]:
+        if row.get("status") != STATUS_OK:
+            search_rows.append((f"{row['size']:,}", row["storage"], f"not run: {row['reason']}", *[""] * 7))
+            continue
+        latency, memory = row["latency_ms_one_query"], row["memory"]
+        search_rows.append((
+            f"{row['size']:,}", row["storage"], _number(row["insert_per_s"]), _spread(latency["p50"]),
+            _number(latency["p95"]["median"]), _number(latency["p99"]["median"]), _spread(row["queries_per_s_batched"]),
+            memory["embedding_bytes_per_image"], _number(memory["resident_bytes_per_image"]),
+            _number(memory["peak_bytes_per_image"]),
+        ))
+    return "\n\n".join([
+        f"**Index build** with the real encoder (`build_index` over {settings['build_images']} synthetic PNGs: decode, "
+        "preprocess, the three image graphs, insert; no detection files, so DREA uses its all-zero fallback):",
+        _table(("backend", "images", "batch", "images/s"), build_rows),
+        f"**Search** over random unit embeddings (exact top-{settings['top_k']}, one process per row so memory is "
+        f"its own; filled in blocks of {settings['block_rows']:,} with `GalleryIndex.add`):",
+        _table(("images", "storage", "insert/s", "1 query p50 ms", "p95", "p99",
+                f"queries/s (batches of {settings['query_batch']})", "embedding B/image", "resident B/image",
+                "peak B/image"), search_rows),
+        "Resident B/image: the process's resident-set growth after filling (embeddings, records, id map, and "
+        "freed temporaries the allocator keeps) divided by the images; most meaningful at the largest size. "
+        "Peak B/image: the growth of its peak, which includes the buffer copies made when the index grows and "
+        "`add`'s validation temporaries (a float32 square of each block); 0 means the fill stayed below the "
+        "peak the process had already reached while importing.",
+    ])
+
+
+def _rerank(section: Mapping[str, Any]) -> str:
+    if section.get("status") != STATUS_OK:
+        return _not_run(section)
+    rows = [(f"{row['size']} ({row['images']}x{row['captions']})", row["direction"], row["queries"],
+             _number(row["reference_s"]), _spread(row["batched_s"], 1e3), f"x{row['speedup']:.0f}",
+             "yes" if row["goal_met"] else f"**no** (goal x{row['speedup_goal']:.0f})",
+             _number(row["max_abs_diff"]), "yes" if row["identical"] else "no")
+            for row in section["rows"]]
+    verdict = ("All outputs equal the original's within {tol:g}." if all(r["equal"] for r in section["rows"])
+               else "**Some outputs differ from the original beyond {tol:g}.**").format(tol=section["tolerance"])
+    return "\n\n".join([
+        "The batched `galr.retrieval.rerank` against the loop transcription of the original "
+        "(`bench/mr_reference.py`), on synthetic similarity matrices of the test sets' sizes. The loop is timed "
+        "once; the batched version over repeated runs.",
+        _table(("size", "direction", "queries", "original loop s", "batched ms", "speed-up", "goal met",
+                "max abs diff", "bit-identical"), rows),
+        verdict,
+    ])
+
+
+_METRIC_COLUMNS = (("mean_recall", "mR"), ("i2t_r1", "i2t R@1"), ("i2t_r5", "R@5"), ("i2t_r10", "R@10"),
+                   ("t2i_r1", "t2i R@1"), ("t2i_r5", "R@5"), ("t2i_r10", "R@10"))
+
+
+def _accuracy(section: Mapping[str, Any]) -> str:
+    if section.get("status") != STATUS_OK:
+        return _not_run(section)
+    rows = []
+    for row in section["rows"]:
+        if row.get("status") != STATUS_OK:
+            rows.append((row["model"], "", f"not run: {row['reason']}", *[""] * (len(_METRIC_COLUMNS) - 1)))
+            continue
+        for label, metrics in (("no", row["metrics"]), ("yes", row.get("metrics_rerank"))):
+            if metrics:
+                rows.append((row["model"], label, *[f"{metrics[key]:.2f}" for key, _ in _METRIC_COLUMNS]))
+    return "\n\n".join([
+        f"Trained model `{section['checkpoint']}` on `{section['dataset']}` [{section['split']}]; ONNX rows from a "
+        f"real `export_bundle` (INT8 calibrated with `{section['calibration_method']}` on the train split).",
+        _table(("model", "MR", *[title for _, title in _METRIC_COLUMNS]), rows),
+    ])
+
+
+def _closeness(share: float) -> str:
+    if share >= 0.95:
+        return "at the limit"
+    if share >= 0.7:
+        return "close to the limit"
+    if share >= 0.4:
+        return f"within {1 / share:.1f}x of the limit"
+    return f"{1 / share:.0f}x from the limit"
+
+
+def _why(fraction: Mapping[str, Any], cost: Mapping[str, Any], read_rate: Mapping[str, float] | None) -> str:
+    """Why an encoder's time sits where it does, from the bound and how close it is to it."""
+    encoder, bound, share = fraction["encoder"], fraction["bound"], fraction["fraction_of_limit"]
+    rates = (f"{_number(fraction['achieved_gbs'])} GB/s, where one matrix-vector product of the same size reads "
+             f"{_number(read_rate['max']) if read_rate else '-'} GB/s")
+    recurrent = cost["streamed_bytes"] > cost["weight_bytes"]
+    if share >= 0.95:
+        return ("nothing is left on this machine at FP32; only fewer FLOPs/bytes or lower-precision kernels "
+                "(INT8, FP16 on a GPU) can go faster")
+    if fraction["limit_ms_per_item"] * fraction["batch"] < 0.05:
+        return (f"a call is tiny ({_number(cost['flops_per_item'] * fraction['batch'] / 1e6)} MFLOP), so per-call "
+                "overhead (framework dispatch, thread hand-offs, allocations) is most of the time")
+    if bound == "memory" and recurrent:
+        return ("each GRU step must read the whole recurrent matrix W_hh and the steps depend on each other; the "
+                f"kernel streams the weights at {rates}, so the gap is in the GRU kernel (and its per-step gate "
+                "work), not the memory system; batching shares the reads")
+    if bound == "memory":
+        return (f"every call reads all {_mib(cost['weight_bytes'])} MiB of weights for few items, at {rates} "
+                "(the weights are spread over many small layers, one kernel each); larger batches share the read")
+    if encoder == "global":
+        return ("the convolutions at these shapes (3-channel 7x7 stem, small late-stage maps, strided and 1x1 "
+                "layers) run below the large-square-GEMM rate the limit assumes")
+    if recurrent:
+        return ("the GRU runs its steps one after another as [B, H] x [H, 3H] products plus gate arithmetic the FLOP "
+                "count leaves out; those mid-sized products run below the square-GEMM rate")
+    return ("the matrix products are small and LayerNorm/element-wise work the FLOP count leaves out takes a share")
+
+
+def _gap_sentence(fraction: Mapping[str, Any], cost: Mapping[str, Any], read_rate: Mapping[str, float] | None) -> str:
+    """Where the time goes for one row, from which limit binds and how far the measurement is from it."""
+    share = fraction["fraction_of_limit"]
+    return (f"- {fraction['encoder']} at batch {fraction['batch']} ({fraction['backend']}): "
+            f"{_number(fraction['measured_ms_per_item'])} ms/item, {fraction['bound']} limit "
+            f"{_number(fraction['limit_ms_per_item'])} ms/item: {share * 100:.0f}% of it, {_closeness(share)}; "
+            f"{_why(fraction, cost, read_rate)}.")
+
+
+def _limits(section: Mapping[str, Any]) -> str:
+    if section.get("status") != STATUS_OK:
+        return _not_run(section)
+    peaks = section["peaks"]
+    peak_rows = [
+        ("float32 matmul, numpy", f"{_spread(peaks['matmul_gflops']['numpy'])} GFLOP/s"),
+        ("float32 matmul, torch", f"{_spread(peaks['matmul_gflops']['torch'])} GFLOP/s"),
+        ("STREAM copy (torch)", f"{_spread(peaks['bandwidth_gbs']['copy'])} GB/s"),
+        ("STREAM triad (torch, fused)", f"{_spread(peaks['bandwidth_gbs']['triad'])} GB/s"),
+        ("copy, numpy 1 thread", f"{_spread(peaks['bandwidth_gbs']['numpy_copy_1_thread'])} GB/s"),
+        (f"matrix-vector {peaks['settings']['gemv_shape'][0]}x{peaks['settings']['gemv_shape'][1]} (GRU W_hh)",
+         f"{_spread(peaks['gemv_gbs'])} GB/s"),
+    ]
+    batches = section["batches"]
+    first, last = 1, max(batches)
+    reads = peaks.get("weight_read_gbs", {})
+    cost_rows = []
+    for name, cost in section["encoders"].items():
+        cost_rows.append((name, _number(cost["flops_per_item"] / 1e9), _mib(cost["weight_bytes"]),
+                          _mib(cost["streamed_bytes"]), _mib(cost["bytes_per_item"][str(first)]),
+                          _mib(cost["bytes_per_item"][str(last)]), _number(cost["flops_per_byte"][str(first)]),
+                          _number(cost["flops_per_byte"][str(last)]), _spread(reads.get(name))))
+    parts = [
+        f"Machine peaks (STREAM arrays of {_mib(peaks['stream_array_bytes'])} MiB each; median [min-max] over runs; "
+        f"torch threads {peaks['torch_threads']}):",
+        _table(("measurement", "rate"), peak_rows),
+        f"Analytic cost per item (formulas in `bench/limits.py`; text {section['text_tokens']} tokens; end-to-end "
+        f"search over {section['e2e_gallery']:,} rows), and the measured rate of reading that many bytes of weights "
+        "over and over (a matrix-vector product of the same size):",
+        _table(("encoder", "GFLOP/item", "weights MiB", "re-read MiB (GRU)", f"min MiB/item @{first}",
+                f"min MiB/item @{last}", f"FLOP/B @{first}", f"FLOP/B @{last}", "weight-read GB/s"), cost_rows),
+    ]
+    fractions = section.get("fractions") or []
+    if not fractions:
+        parts.append("_Fractions of the limits need the encoder section of the same run; it did not run._")
+        return "\n\n".join(parts)
+    fraction_rows = [(f["encoder"], f["backend"], f["batch"], _number(f["measured_ms_per_item"]),
+                      _number(f["limit_ms_per_item"]), f["bound"], f"{f['fraction_of_limit'] * 100:.1f}%",
+                      _number(f["achieved_gflops"]), _number(f["achieved_gbs"])) for f in fractions]
+    parts.append("Each FP32 measurement against its limit (the larger of FLOPs / peak matmul and weight bytes / "
+                 "weight-read rate + I/O bytes / STREAM; see `bench/limits.py`):")
+    parts.append(_table(("encoder", "backend", "batch", "measured ms/item", "limit ms/item", "bound", "of limit",
+                         "GFLOP/s", "GB/s"), fraction_rows))
+    best: dict[tuple[str, int], Mapping[str, Any]] = {}
+    for fraction in fractions:
+        key = (fraction["encoder"], fraction["batch"])
+        if key not in best or fraction["fraction_of_limit"] > best[key]["fraction_of_limit"]:
+            best[key] = fraction
+    chosen = [f for (_, batch), f in best.items() if batch in (first, last)]
+    parts.append("**Where the gap is** (best FP32 backend per encoder, at batch 1 and the largest batch):")
+    parts.append("\n".join(_gap_sentence(f, section["encoders"][f["encoder"]], reads.get(f["encoder"]))
+                           for f in chosen))
+    return "\n\n".join(parts)
+
+
+def _headlines(results: Mapping[str, Any]) -> str:
+    lines = []
+    encoders = results["sections"]["encoders"]
+    if encoders.get("status") == STATUS_OK:
+        for row in encoders["rows"]:
+            if row["encoder"] == "end-to-end" and row["batch"] == 1 and row["backend"] != "pytorch-eager":
+                lines.append(f"- End-to-end query latency (p50, batch 1), {row['backend']}: "
+                             f"{_number(row['latency_ms']['p50']['median'])} ms "
+                             f"({_speedup(row['speedup_vs_eager'])} vs eager).")
+    rerank = results["sections"]["rerank"]
+    if rerank.get("status") == STATUS_OK:
+        for row in rerank["rows"]:
+            lines.append(f"- MR {row['direction']} {row['images']}x{row['captions']}: x{row['speedup']:.0f} faster than "
+                         f"the original ({'meets' if row['goal_met'] else 'misses'} the x{row['speedup_goal']:.0f} "
+                         f"goal), outputs {'equal' if row['equal'] else 'DIFFERENT'} "
+                         f"(max abs diff {_number(row['max_abs_diff'])}).")
+    gallery = results["sections"]["gallery"]
+    if gallery.get("status") == STATUS_OK:
+        for row in gallery["search"]:
+            if row.get("status") == STATUS_OK and row["size"] == max(r["size"] for r in gallery["search"]):
+                lines.append(f"- Search over {row['size']:,} {row['storage']} embeddings: "
+                             f"{_number(row['latency_ms_one_query']['p50']['median'])} ms per query (p50).")
+    return "\n".join(lines) or "_No section ran._"
+
+
+_METHOD = """\
+- Every figure is measured in one run of `galr-bench`; ratios compare rows of that run only.
+- Each case is warmed up, then timed in repeated runs of several calls; the backends of one encoder and batch
+  are measured interleaved (run 1 of each, then run 2 of each, ...), so load changes hit them alike.
+  Latency cells: p50/p95/p99 per run, shown as median [min-max] over runs. Throughput: items/s per run, same.
+- PyTorch eager is the reference implementation (FP32, CPU, `torch.no_grad`). Speed-ups: eager p50 / backend p50
+  at batch 1, backend items/s / eager items/s at larger batches.
+- TensorRT rows run only where TensorRT and a GPU exist (engines are built into the benchmark bundle and served
+  through `load_engine(..., backend="tensorrt")`); elsewhere they are marked not run, never estimated.
+- The model has random weights (speed does not depend on them); accuracy uses the trained demo model."""
+
+
+def render_markdown(results: Mapping[str, Any]) -> str:
+    """The whole ``BENCHMARKS.md`` for a result document."""
+    sections = results["sections"]
+    mode_note = ("" if results["mode"] == "full" else
+                 "\n\n**Quick mode**: a tiny model and small sizes, to check the benchmark runs (CI). "
+                 "Do not read these numbers as performance.")
+    render: list[tuple[str, Callable[[Mapping[str, Any]], str]]] = [
+        ("1. Encoders: latency and throughput per backend and precision", _encoders),
+        ("2. Gallery: index build, search and memory", _gallery),
+        ("3. MR rerank: batched vs the original algorithm", _rerank),
+        ("4. Accuracy on the synthetic benchmark", _accuracy),
+        ("5. Limits: how close to what the hardware allows", _limits),
+    ]
+    names = ("encoders", "gallery", "rerank", "accuracy", "limits")
+    body = [f"## {title}\n\n{renderer(sections[name])}" for (title, renderer), name in zip(render, names, strict=True)]
+    return "\n\n".join([
+        "# Benchmarks",
+        f"Generated by `galr-bench` ({results['mode']} mode) on {results['started']} in "
+        f"{_number(results.get('seconds'))} s. Raw numbers: the JSON written next to this file.{mode_note}",
+        "## Headlines", _headlines(results),
+        "## Machine", _machine(results),
+        "## Commands", _commands(results),
+        "## Method", _METHOD,
+        *body,
+    ]) + "\n"
+
+
+__all__ = ["render_markdown"]

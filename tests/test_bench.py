@@ -1,0 +1,250 @@
+"""galr-bench: the quick run end to end (JSON schema, Markdown, MR equality, ratios vs eager), the
+timing harness, and the analytic FLOP formulas against torch's own counter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from galr.bench import harness
+from galr.bench.cli import SECTIONS, BenchOptions, main, mr_mismatches
+from galr.bench.encoders import BACKENDS, ENCODER_NAMES, REFERENCE, tensorrt_unavailable_reason
+from galr.bench.harness import Case, Measurement, Spread, TimingSettings
+from galr.bench.rerank import compare_outputs, synthetic_similarity
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """One ``galr-bench --quick`` run shared by the tests below (about 20-30 s on 2 cores)."""
+    import torch
+
+    out = tmp_path_factory.mktemp("bench")
+    output, markdown = out / "results.json", out / "BENCH.md"
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            patch.setenv(name, "1")  # galr-bench sets them; this restores the originals afterwards
+        result = CliRunner().invoke(main, ["--quick", "-o", str(output), "--markdown", str(markdown)])
+    torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return output, markdown, json.loads(output.read_text())
+
+
+def test_quick_run_writes_every_section(quick_run):
+    output, _, data = quick_run
+    assert harness.load_results(output) == data
+    assert data["mode"] == "quick"
+    assert set(data["sections"]) == set(SECTIONS)
+    for name in ("encoders", "gallery", "rerank", "limits"):
+        assert data["sections"][name]["status"] == "ok", name
+    accuracy = data["sections"]["accuracy"]
+    assert accuracy["status"] == "not run" and "--checkpoint" in accuracy["reason"]
+    machine = data["machine"]
+    assert machine["cpu"] and machine["threads"] == 1 and machine["versions"]["numpy"] == np.__version__
+    assert data["command"].startswith("galr-bench --quick -o ")
+
+
+def test_encoder_rows_cover_every_encoder_backend_and_batch(quick_run):
+    section = quick_run[2]["sections"]["encoders"]
+    ran = [b["name"] for b in section["backends"] if b["status"] == "ok"]
+    assert ran[:3] == [REFERENCE, "onnxruntime-fp32", "onnxruntime-int8"]
+    batches = [1, *section["settings"]["batch_sizes"]]
+    keys = {(r["encoder"], r["backend"], r["batch"]) for r in section["rows"]}
+    assert keys == {(e, b, n) for e in ENCODER_NAMES for b in ran for n in batches}
+    for row in section["rows"]:
+        if row["batch"] == 1:
+            latency = row["latency_ms"]
+            assert latency["p50"]["min"] <= latency["p50"]["median"] <= latency["p50"]["max"]
+            assert latency["p50"]["median"] <= latency["p99"]["median"]
+        else:
+            assert row["items_per_s"]["min"] <= row["items_per_s"]["median"] <= row["items_per_s"]["max"]
+
+
+def test_tensorrt_rows_say_why_they_did_not_run(quick_run):
+    reason = tensorrt_unavailable_reason()
+    if reason is None:
+        pytest.skip("TensorRT and a GPU are present: the TensorRT rows ran")
+    backends = {b["name"]: b for b in quick_run[2]["sections"]["encoders"]["backends"]}
+    assert set(backends) == set(BACKENDS)
+    for name in ("tensorrt-fp16", "tensorrt-int8"):
+        assert backends[name] == {"name": name, "label": backends[name]["label"], "status": "not run", "reason": reason}
+    assert f"not run: {reason}" in quick_run[1].read_text()
+
+
+def test_speedups_are_against_eager_of_the_same_run(quick_run):
+    rows = quick_run[2]["sections"]["encoders"]["rows"]
+    eager = {(r["encoder"], r["batch"]): r for r in rows if r["backend"] == REFERENCE}
+    checked = 0
+    for row in rows:
+        reference = eager[(row["encoder"], row["batch"])]
+        if row["kind"] == "latency":
+            expected = reference["latency_ms"]["p50"]["median"] / row["latency_ms"]["p50"]["median"]
+        else:
+            expected = row["items_per_s"]["median"] / reference["items_per_s"]["median"]
+        assert row["speedup_vs_eager"] == pytest.approx(expected, rel=1e-12)
+        checked += row["backend"] != REFERENCE
+    assert checked >= 2 * len(ENCODER_NAMES)
+
+
+def test_mr_matches_the_original_and_reports_its_speedup(quick_run):
+    section = quick_run[2]["sections"]["rerank"]
+    assert {r["direction"] for r in section["rows"]} == {"i2t", "t2i"}
+    for row in section["rows"]:
+        assert row["equal"] and row["max_abs_diff"] <= section["tolerance"]
+        assert row["speedup"] == pytest.approx(row["reference_s"] / row["batched_s"]["median"])
+        assert row["goal_met"] == (row["speedup"] >= row["speedup_goal"])
+    assert mr_mismatches(quick_run[2]) == []
+
+
+def test_gallery_and_limits_sections(quick_run):
+    sections = quick_run[2]["sections"]
+    search = sections["gallery"]["search"]
+    assert {(r["size"], r["storage"]) for r in search} == {(10_000, "fp32"), (10_000, "fp16")}
+    for row in search:
+        assert row["status"] == "ok", row
+        assert row["memory"]["embedding_bytes_per_image"] == {"fp32": 2048, "fp16": 1024}[row["storage"]]
+    assert [r["status"] for r in sections["gallery"]["build"]] == ["ok", "ok"]
+    limits = sections["limits"]
+    assert limits["peaks"]["matmul_gflops"]["torch"]["median"] > 0
+    assert {f["backend"] for f in limits["fractions"]} == {REFERENCE, "onnxruntime-fp32"}
+    assert all(f["fraction_of_limit"] > 0 for f in limits["fractions"])
+
+
+def test_markdown_is_rendered_from_the_json(quick_run, tmp_path):
+    output, markdown, data = quick_run
+    text = markdown.read_text()
+    for heading in ("## Machine", "## Commands", "## 1. Encoders", "## 2. Gallery", "## 3. MR rerank",
+                    "## 4. Accuracy", "## 5. Limits", "Where the gap is"):
+        assert heading in text
+    assert data["command"] in text and data["machine"]["cpu"] in text
+    again = tmp_path / "again.md"
+    result = CliRunner().invoke(main, ["--render", str(output), "--markdown", str(again)])
+    assert result.exit_code == 0, result.output
+    assert again.read_text() == text
+
+
+def test_render_refuses_a_file_that_is_not_a_result(tmp_path):
+    bogus = tmp_path / "bogus.json"
+    bogus.write_text(json.dumps({"schema": "something-else"}))
+    result = CliRunner().invoke(main, ["--render", str(bogus), "--markdown", str(tmp_path / "x.md")])
+    assert result.exit_code == 2 and "not a galr-bench result file" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Harness
+
+
+def test_spread_and_measurement_statistics():
+    assert Spread.of([3.0, 1.0, 2.0]) == Spread(1.0, 2.0, 3.0)
+    with pytest.raises(ValueError):
+        Spread.of([])
+    runs = (tuple([0.001] * 99 + [0.101]), tuple([0.002] * 100))
+    measured = Measurement(runs, items=4)
+    latency = measured.latency_ms()
+    assert latency["p50"] == {"min": 1.0, "median": 1.5, "max": 2.0}
+    assert latency["p99"]["max"] == pytest.approx(2.0)
+    assert latency["calls_per_run"] == 100 and latency["runs"] == 2
+    throughput = measured.throughput()
+    assert throughput["min"] == pytest.approx(4 * 100 / (0.099 + 0.101))
+    assert throughput["max"] == pytest.approx(4 / 0.002)
+
+
+def test_run_interleaved_alternates_cases_and_warms_up():
+    calls: list[str] = []
+    settings = TimingSettings(warmup=2, repeats=3, min_iterations=1, max_iterations=1)
+    cases = {name: Case(lambda n=name: calls.append(n)) for name in ("a", "b")}
+    measured = harness.run_interleaved(cases, settings)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert all(len(m.runs) == 3 and m.calls_per_run == 1 for m in measured.values())
+
+
+def test_timing_settings_reject_nonsense():
+    with pytest.raises(ValueError, match="repeats"):
+        TimingSettings(repeats=0)
+    with pytest.raises(ValueError, match="min_iterations"):
+        TimingSettings(min_iterations=5, max_iterations=2)
+
+
+def test_load_results_checks_schema_version(tmp_path):
+    document = harness.new_results("quick", {"cpu": "x"}, {}, "galr-bench --quick")
+    path = harness.write_results(tmp_path / "r.json", document)
+    assert harness.load_results(path)["mode"] == "quick"
+    document["schema_version"] = harness.SCHEMA_VERSION + 1
+    harness.write_results(path, document)
+    with pytest.raises(ValueError, match="schema version"):
+        harness.load_results(path)
+    with pytest.raises(FileNotFoundError):
+        harness.load_results(tmp_path / "missing.json")
+
+
+def test_plain_makes_numpy_json_safe():
+    value = harness.plain({"a": np.float32(1.5), "b": np.arange(2), "c": float("nan"), "d": (np.int64(3),)})
+    assert value == {"a": 1.5, "b": [0, 1], "c": None, "d": [3]}
+    json.dumps(value, allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI options, MR comparison, limits
+
+
+def test_command_line_reproduces_the_options():
+    options = BenchOptions(output=Path("out dir/r.json"), markdown=Path("B.md"), sections=("rerank",), threads=2)
+    assert options.command_line() == "galr-bench -o 'out dir/r.json' --markdown B.md --only rerank --threads 2"
+    assert BenchOptions(quick=True).resolved_threads == 1
+    with pytest.raises(ValueError, match="unknown sections"):
+        BenchOptions(sections=("gpu",))
+
+
+def test_compare_outputs_and_mismatch_listing():
+    sim = synthetic_similarity(10, 50, dim=16)
+    assert sim.shape == (10, 50) and sim.dtype == np.float32
+    changed = sim.copy()
+    changed[3, 7] += 1e-3
+    assert compare_outputs(sim, sim) == {"max_abs_diff": 0.0, "equal": True, "identical": True}
+    result = compare_outputs(sim, changed)
+    assert not result["equal"] and result["max_abs_diff"] == pytest.approx(1e-3, rel=1e-3)
+    assert not compare_outputs(sim, sim[:5])["equal"]
+    results = {"sections": {"rerank": {"status": "ok", "rows": [
+        {"size": "RSITMD test", "direction": "t2i", "equal": False, "max_abs_diff": 0.1}]}}}
+    assert mr_mismatches(results) == ["RSITMD test t2i (max abs diff 0.1)"]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"image_size": 96, "resnet_widths": (4, 8, 12, 16), "gcn_dims": (5, 7, 9),
+                                           "vsa_channels": 2, "fusion_ff": 48}])
+def test_analytic_flops_equal_torch_flop_counter(overrides):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from galr.bench.limits import encoder_costs
+    from galr.config import GaLRConfig
+    from galr.export.onnx_export import example_inputs
+    from galr.model import GaLR
+
+    config = GaLRConfig.small(**overrides)
+    model = GaLR(config).eval()
+    feeds = example_inputs(config, batch=1, text_length=9)
+    costs = encoder_costs(config, tokens=9, gallery=100)
+    stages = {"global": model.encode_global, "local": model.encode_local, "fusion": model.fuse, "text": model.encode_text}
+    for name, stage in stages.items():
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            stage(*feeds[name].values())
+        assert costs[name].flops_per_item == counter.get_total_flops(), name
+    assert costs["end-to-end"].flops_per_item == costs["text"].flops_per_item + 2 * 100 * config.embed_dim
+
+
+def test_weight_bytes_match_the_exported_parameters():
+    from galr.bench.limits import encoder_costs
+    from galr.config import GaLRConfig
+    from galr.model import GaLR
+
+    config = GaLRConfig.small()
+    model = GaLR(config)
+    costs = encoder_costs(config, tokens=9, gallery=10)
+    local = sum(p.numel() for p in model.local_feature.parameters())
+    assert costs["local"].weight_bytes == 4 * local
+    gru = model.text_feature.gru
+    assert costs["text"].streamed_bytes == 8 * gru.weight_hh_l0.numel() * 4  # (T - 1) reads of W_hh
