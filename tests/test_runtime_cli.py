@@ -151,3 +151,24 @@ def test_read_queries_skips_comments_and_blank_lines(tmp_path):
     path = tmp_path / "q.txt"
     path.write_text("\ufeff# header\n  first query  \n\n#second\nthird\n", encoding="utf-8")
     assert read_queries(path) == ["first query", "third"]
+
+
+def test_contact_sheet_renders_in_a_headless_browser(deployment, tmp_path):
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no headless Chromium installed (apt-get install chromium) to render the HTML page")
+    page, shot = tmp_path / "sheet.html", tmp_path / "sheet.png"
+    result = CliRunner().invoke(run_main, [str(deployment["queries"]), "--engine", str(deployment["bundle"]),
+                                           "--index", str(deployment["index"]), "--html", str(page)])
+    assert result.exit_code == 0, result.output
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,800", f"--screenshot={shot}",
+                    page.as_uri()], capture_output=True, timeout=120)
+    picture = Image.open(shot).convert("RGB")
+    assert picture.size == (1200, 800)
+    # Thumbnails render as real pixels: many distinct colours, not a blank or error page.
+    assert len(set(picture.resize((300, 200)).getdata())) > 500
