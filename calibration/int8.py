@@ -35,7 +35,6 @@ import inspect
 import io
 import json
 import logging
-import os
 import statistics
 import tempfile
 import time
@@ -57,6 +56,7 @@ from galr.calibration.readers import (
 )
 from galr.export.parity import compare
 from galr.retrieval.evaluate import SplitInputs
+from galr.atomic import write_bytes_atomically
 from galr.serialization import fields_from_dict
 
 if TYPE_CHECKING:
@@ -440,17 +440,9 @@ def _read_cached_ranges(path: Path, key: Mapping[str, Any], log: Callable[[str],
 
 def _write_cached_ranges(path: Path, key: Mapping[str, Any], ranges: Ranges) -> None:
     """Atomic write: a crash never leaves a half-written cache that a later run would trust."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": _CACHE_FORMAT, "version": _CACHE_VERSION, "key": dict(key),
                "ranges": {name: [low, high] for name, (low, high) in sorted(ranges.items())}}
-    handle, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as tmp:
-            json.dump(payload, tmp)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_bytes_atomically(path, json.dumps(payload).encode("utf-8"))
 
 
 @contextlib.contextmanager

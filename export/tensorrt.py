@@ -16,12 +16,12 @@ them without importing ``export/``; they are re-exported here for the build side
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Mapping, Sequence
 
+from galr.atomic import write_bytes_atomically
 from galr.config import GaLRConfig
 from galr.graphs import BATCH_AXIS, GRAPH_NAMES, TEXT_AXIS, graph_io
 from galr.runtime.backends.device import GpuInfo, probe_gpu
@@ -335,14 +335,7 @@ def _load_timing_cache(build_config: Any, path: Path) -> Any:
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    write_bytes_atomically(path, data)
 
 
 def build_engine(

@@ -16,11 +16,12 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from galr.atomic import atomic_output
 
 FORMAT_NAME = "galr-bundle"
 FORMAT_VERSION = 1
@@ -160,20 +161,11 @@ def write_bundle(path: str | os.PathLike, manifest: Mapping[str, Any], members: 
     full = dict(manifest)
     full["format"], full["format_version"] = FORMAT_NAME, FORMAT_VERSION
     full["members"] = {name: {"sha256": sha256_bytes(data), "size": len(data)} for name, data in sorted(members.items())}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-                archive.writestr(MANIFEST, json.dumps(full, indent=2, sort_keys=True))
-                for name, data in sorted(members.items()):
-                    archive.writestr(name, data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as handle:
+        with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
+            archive.writestr(MANIFEST, json.dumps(full, indent=2, sort_keys=True))
+            for name, data in sorted(members.items()):
+                archive.writestr(name, data)
     return path
 
 

@@ -40,7 +40,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -52,6 +51,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from galr import __version__ as GALR_VERSION
+from galr.atomic import atomic_output
 
 FORMAT_NAME = "galr-index"
 FORMAT_VERSION = 1
@@ -717,55 +717,31 @@ def _write_json_member(archive: zipfile.ZipFile, name: str, payload: Any, indent
     return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 
 
-def _fsync_directory(folder: Path) -> None:
-    # Makes the rename itself durable; not every platform can open a directory.
-    try:
-        handle = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
-    finally:
-        os.close(handle)
-
-
 def _write_index(index: GalleryIndex, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-                members = {
-                    EMBEDDINGS: _write_array_member(archive, EMBEDDINGS, index.embeddings),
-                    TEXT_BANK_EMBEDDINGS: _write_array_member(archive, TEXT_BANK_EMBEDDINGS, index._bank_embeddings),
-                    RECORDS: _write_json_member(archive, RECORDS, [r.to_dict() for r in index.records]),
-                    TEXT_BANK_TEXTS: _write_json_member(archive, TEXT_BANK_TEXTS, index.text_bank_texts),
-                }
-                header = {
-                    "format": FORMAT_NAME,
-                    "format_version": FORMAT_VERSION,
-                    "model_hash": index.model_hash,
-                    "embed_dim": index.embed_dim,
-                    "storage": index.storage,
-                    "count": len(index),
-                    "text_bank_count": len(index.text_bank_texts),
-                    "built_with": index.built_with,
-                    "image_root": index.image_root,
-                    "galr_version": index.galr_version,
-                    "created": index.created,
-                    "updated": index.updated,
-                    "members": members,
-                }
-                _write_json_member(archive, HEADER, header, indent=1)  # the one member people read
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
+    with atomic_output(path) as handle:
+        with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
+            members = {
+                EMBEDDINGS: _write_array_member(archive, EMBEDDINGS, index.embeddings),
+                TEXT_BANK_EMBEDDINGS: _write_array_member(archive, TEXT_BANK_EMBEDDINGS, index._bank_embeddings),
+                RECORDS: _write_json_member(archive, RECORDS, [r.to_dict() for r in index.records]),
+                TEXT_BANK_TEXTS: _write_json_member(archive, TEXT_BANK_TEXTS, index.text_bank_texts),
+            }
+            header = {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "model_hash": index.model_hash,
+                "embed_dim": index.embed_dim,
+                "storage": index.storage,
+                "count": len(index),
+                "text_bank_count": len(index.text_bank_texts),
+                "built_with": index.built_with,
+                "image_root": index.image_root,
+                "galr_version": index.galr_version,
+                "created": index.created,
+                "updated": index.updated,
+                "members": members,
+            }
+            _write_json_member(archive, HEADER, header, indent=1)  # the one member people read
     return path
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from galr.atomic import atomic_output
 from galr.config import GaLRConfig
 from galr.model.galr import GaLR
 from galr.preprocess.text import Vocabulary
@@ -216,15 +216,6 @@ def save_checkpoint(
         "drea": dict(drea or {}),
         "metadata": dict(metadata or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            torch.save(payload, tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as handle:
+        torch.save(payload, handle)
     return path

@@ -33,9 +33,10 @@ import numpy as np
 import PIL
 from tqdm import tqdm
 
-from galr.serialization import fields_from_dict
 import galr
+from galr.atomic import write_bytes_atomically
 from galr.data import DatasetPaths, RetrievalSplit, write_split
+from galr.serialization import fields_from_dict
 from galr.synthetic.captions import build_vocabulary, generate_captions
 from galr.synthetic.detector import DetectorNoise, apply_detector_noise, ground_truth_detections, write_detections
 from galr.synthetic.scenes import SceneConfig, SceneSpec, render_scene, sample_scene
@@ -223,9 +224,7 @@ def sample_split(config: BenchmarkConfig, split: str) -> list[SyntheticSample]:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomically(path, text.encode("utf-8"))
 
 
 def read_benchmark_info(out_dir: str | os.PathLike) -> BenchmarkInfo:
