@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,16 @@ Two tennis courts next to a swimming pool in the city.
 Some storage tanks on the bare land.
 Many cars are parked in the urban area.
 """
+
+
+def _passive_openmp() -> None:
+    """Let idle OpenMP threads sleep instead of spinning; only effective before torch is imported.
+
+    torch's OpenMP threads busy-wait by default. On 2 cores shared with any other busy process that
+    made 2-thread training 10x slower (docs/training.md, "Threads"); passive waiting costs nothing
+    measurable when the machine is idle. A value the user set is kept.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _fail(tool: str, message: str) -> NoReturn:
@@ -191,6 +202,7 @@ def train_main(dataset: Path, output: Path, preset: str, backbone_weights: Path 
     The --config preset sets the model and the defaults (original: the authors' model and
     recipe; demo: the CPU demo recipe of docs/training.md); every other option overrides it.
     """
+    _passive_openmp()
     from galr.train import train, train_config_preset
 
     overrides = _given(options)
@@ -259,6 +271,7 @@ def eval_main(checkpoint: Path, dataset: Path, split: str, vocab_file: Path | No
               detections_dir: Path | None, local_file: Path | None, rerank: bool, mr_k: int, wp1: float, wp2: float,
               device: str, batch_size: int, json_path: Path | None, quiet: bool) -> None:
     """Score CHECKPOINT (galr or authors' format) on a split: R@1/5/10 both ways and mR, with and without MR."""
+    _passive_openmp()
     from galr.torch_encoder import evaluate_checkpoint
 
     if detections_dir is not None and local_file is not None:
@@ -358,6 +371,7 @@ def demo_main(device: str, retrain: bool, quiet: bool) -> None:
     Everything lands in ./galr-demo (cached: a second run only re-evaluates) and ./query.txt;
     then `galr-export --fp16` and `galr-run query.txt` work without arguments.
     """
+    _passive_openmp()
     from galr.torch_encoder import evaluate_checkpoint
 
     log, progress = _log("galr-demo"), not quiet

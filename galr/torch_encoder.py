@@ -18,9 +18,15 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from galr.config import RerankConfig
+from galr.config import GaLRConfig, RerankConfig
+from galr.data import DatasetPaths, load_split
+from galr.model.checkpoint import load_checkpoint
 from galr.model.galr import GaLR
+from galr.preprocess.drea import DREAConfig
+from galr.preprocess.image import ImagePreprocessConfig
+from galr.preprocess.local_file import LocalFeatureTable, load_local_file
 from galr.preprocess.text import Tokenizer
+from galr.retrieval.evaluate import evaluate_encoder, load_split_inputs
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -162,10 +168,9 @@ class TorchEncoder:
         return np.concatenate(chunks)
 
 
-def _local_source(paths, detections_dir: Path | None, local_file: Path | None, config) -> tuple[Any, Path | None, str]:
+def _local_source(paths: DatasetPaths, detections_dir: Path | None, local_file: Path | None,
+                  config: GaLRConfig) -> tuple[LocalFeatureTable | None, Path | None, str]:
     """(local table, detections folder, description) for the DREA inputs of an evaluation."""
-    from galr.preprocess.local_file import load_local_file
-
     if local_file is not None:
         table = load_local_file(local_file, config.num_objects, config.object_dim)
         return table, None, f"local file {local_file}"
@@ -222,12 +227,6 @@ def evaluate_checkpoint(
         FileNotFoundError: a missing detections folder or local file.
         ValueError: inputs that do not fit the model (e.g. DREA sizes).
     """
-    from galr.data import DatasetPaths, load_split
-    from galr.model.checkpoint import load_checkpoint
-    from galr.preprocess.drea import DREAConfig
-    from galr.preprocess.image import ImagePreprocessConfig
-    from galr.retrieval.evaluate import evaluate_encoder, load_split_inputs
-
     started = time.perf_counter()
     loaded = load_checkpoint(checkpoint, vocab=vocab)
     config = loaded.model.config

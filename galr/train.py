@@ -607,6 +607,9 @@ class _Trainer:
         self.image_config = ImagePreprocessConfig(size=config.model.image_size)
         detections = _detections_folder(paths)
         train_split, val_split = _resolve_splits(config, paths)
+        if train_split.num_images < 2:
+            raise TrainError(f"split {train_split.name!r} has {train_split.num_images} image(s); the in-batch loss "
+                             "needs at least 2")
         self.data = load_training_set(train_split, self.tokenizer, config.model.image_size, config.augment,
                                       config.drea, detections, progress)
         self.val_inputs: SplitInputs | None = None
@@ -662,6 +665,20 @@ class _Trainer:
             tensors[0] = tensors[0].contiguous(memory_format=torch.channels_last)
         return tuple(tensors)
 
+    def _step(self, captions: np.ndarray, rng: np.random.Generator) -> float:
+        """One optimisation step on a batch; returns its loss."""
+        config = self.config
+        images, rep, adj, tokens = self._batch(captions, rng)
+        # Gradients on even if the caller (or a library) switched them off process-wide.
+        with torch.enable_grad():
+            loss = contrastive_loss(self.model(images, rep, adj, tokens), config.margin, config.loss == "hardest")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        return float(loss.detach())
+
     def run_epoch(self, epoch: int) -> EpochRecord:
         config = self.config
         lr = learning_rate(config, epoch)
@@ -675,17 +692,11 @@ class _Trainer:
         started, pairs, total_loss = time.perf_counter(), 0, 0.0
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
                    disable=not self.progress)
-        for captions in bar:
-            images, rep, adj, tokens = self._batch(captions, rng)
-            loss = contrastive_loss(self.model(images, rep, adj, tokens), config.margin, config.loss == "hardest")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-            self.optimizer.step()
-            total_loss += float(loss.detach())
+        for steps, captions in enumerate(bar, start=1):
+            total_loss += self._step(captions, rng)
             pairs += len(captions)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", img_s=f"{pairs / (time.perf_counter() - started):.1f}")
+            speed = pairs / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{total_loss / steps:.3f}", img_s=f"{speed:.1f}")
         bar.close()
         record = EpochRecord(epoch, total_loss / max(1, len(batches)), lr, time.perf_counter() - started)
         if self.val_inputs is not None and self._validates_after(epoch):

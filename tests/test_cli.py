@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from galr import paths
@@ -14,9 +17,11 @@ from galr.cli import demo_main, demo_stamp_path, eval_main, synth_main, train_ma
 from galr.config import GaLRConfig
 from galr.model import GaLR, save_checkpoint
 from galr.preprocess.image import ImagePreprocessConfig
+from galr.preprocess.local_file import LocalFeatureTable, save_local_file
 from galr.preprocess.text import Vocabulary
 from galr.synthetic.benchmark import BenchmarkConfig, BenchmarkInfo
 from galr.train import train_config_preset
+from tests.original_reference import original_layout_state
 from tests.test_train import tiny_benchmark  # noqa: F401 - a shared module-scoped fixture
 
 
@@ -71,6 +76,36 @@ def test_eval_bad_input_exits_2_with_a_message(untrained_checkpoint, tiny_benchm
     result = invoke(eval_main, checkpoint + list(args) + dataset + ["--quiet"])
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_eval_reads_an_authors_checkpoint_with_a_local_file(tiny_benchmark, tmp_path):  # noqa: F811
+    vocab_file = tiny_benchmark / "vocab.json"
+    config = GaLRConfig.small(vocab_size=Vocabulary.load(vocab_file).max_id)
+    authors = tmp_path / "GaLR_best.pth.tar"
+    torch.save({"model": original_layout_state(config, seed=3), "epoch": 7}, authors)
+    names = [f"test_{i:05d}.txt" for i in range(1, 9)]
+    rng = np.random.default_rng(0)
+    table = LocalFeatureTable.from_mapping({n: rng.random((20, 20)) for n in names},
+                                           {n: rng.random((20, 20)) for n in names}, source="test")
+    local = save_local_file(tmp_path / "local.npz", table)
+    out = tmp_path / "eval.json"
+    result = invoke(eval_main, [authors, "--vocab", vocab_file, "--dataset", tiny_benchmark, "--local", local,
+                                "--no-rerank", "--json", out, "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["checkpoint_format"] == "original" and report["local_features"] == f"local file {local}"
+    missing_vocab = invoke(eval_main, [authors, "--dataset", tiny_benchmark, "--quiet"])
+    assert missing_vocab.exit_code == 2 and "vocab" in missing_vocab.output
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_torch_commands_let_openmp_threads_sleep_unless_told_otherwise(monkeypatch, preset, expected):
+    if preset is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", preset)
+    assert invoke(eval_main, ["missing.pt", "--quiet"]).exit_code == 2
+    assert os.environ["OMP_WAIT_POLICY"] == expected
 
 
 def test_eval_refuses_detections_and_local_together(untrained_checkpoint, tiny_benchmark):  # noqa: F811

@@ -206,12 +206,13 @@ def test_bad_inputs_raise_clear_errors(tiny_benchmark, tmp_path):
               progress=False)
 
 
-def test_kfold_and_backbone_weights(tiny_benchmark, tmp_path):
+def test_kfold_backbone_weights_and_a_no_grad_caller(tiny_benchmark, tmp_path):
     backbone = GaLR(GaLRConfig.small(vocab_size=10)).extract_feature.resnet.state_dict()
     torch.save(backbone, tmp_path / "r18.pth")
     config = tiny_config(tiny_benchmark, epochs=1, fold=0, num_folds=4, val_fraction=0.25, captions_per_epoch=1,
                          backbone_weights=str(tmp_path / "r18.pth"))
-    result = train(config, tmp_path / "fold.pt", progress=False)
+    with torch.no_grad():  # train() must switch gradients back on for itself
+        result = train(config, tmp_path / "fold.pt", progress=False)
     meta = load_checkpoint(result.checkpoint).metadata
     assert meta["train_images"] == TINY_TRAIN_IMAGES - 4 and result.history[0].val is not None
 
