@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from galr.atomic import atomic_output
 from galr.config import GaLRConfig
 from galr.data import DatasetPaths, RetrievalSplit, kfold_splits, load_split
 from galr.model.checkpoint import save_checkpoint
@@ -54,6 +54,7 @@ from galr.preprocess.image import ImagePreprocessConfig, load_image
 from galr.preprocess.text import Tokenizer, Vocabulary
 from galr.retrieval.evaluate import SplitInputs, evaluate_encoder, load_split_inputs, local_features_for
 from galr.retrieval.metrics import RetrievalMetrics
+from galr.serialization import fields_from_dict
 from galr.torch_encoder import TorchEncoder, resolve_device
 
 LOSS_KINDS = ("sum", "hardest")
@@ -233,11 +234,10 @@ class TrainConfig:
         Raises:
             TrainError: unknown fields or invalid values.
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise TrainError(f"unknown TrainConfig fields {unknown}; is this file from a newer galr?")
-        fixed = dict(values)
+        try:
+            fixed = fields_from_dict(cls, values, lists_to_tuples=False)
+        except ValueError as error:
+            raise TrainError(str(error)) from None
         if isinstance(fixed.get("model"), Mapping):
             fixed["model"] = GaLRConfig.from_dict(dict(fixed["model"]))
         if isinstance(fixed.get("drea"), Mapping):
@@ -523,17 +523,8 @@ def best_path(checkpoint: str | os.PathLike) -> Path:
 
 
 def _atomic_torch_save(payload: Mapping[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            torch.save(dict(payload), tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as handle:
+        torch.save(dict(payload), handle)
 
 
 def _config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
