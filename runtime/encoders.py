@@ -225,7 +225,9 @@ def select_engine(bundle: Bundle, precision: str, gpu=None, trt_version: str | N
     from galr.runtime.backends.tensorrt import EngineKey, EngineMismatchError, check_engine_compatible
 
     gpu = gpu or probe_gpu()
-    trt_version = trt_version or (probe_tensorrt().version if probe_tensorrt() else "none")
+    if trt_version is None:
+        installed = probe_tensorrt()
+        trt_version = installed.version if installed else "none"
     capability = gpu.compute_capability if gpu is not None else "sm_none"
     candidates = [e for e in bundle.engines() if e["key"]["precision"] == precision]
     if not candidates:
