@@ -13,7 +13,6 @@ version it does not know, whose members are missing or whose bytes do not match.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import zipfile
@@ -180,7 +179,3 @@ def update_bundle(bundle: Bundle, manifest_changes: Mapping[str, Any], new_membe
     write_bundle(bundle.path, manifest, members)
     return read_bundle(bundle.path)
 
-
-def member_stream(bundle: Bundle, name: str) -> io.BytesIO:
-    """A file-like view of one verified member (for APIs that want a file object)."""
-    return io.BytesIO(bundle.read_member(name))
