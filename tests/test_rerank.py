@@ -374,3 +374,14 @@ def test_grouped_order_lexsort_fallback_equals_packed_sort():
     np.testing.assert_array_equal(packed_heads, lexsort_heads)
     np.testing.assert_array_equal(packed_order, np.lexsort((keys, groups)))
     np.testing.assert_array_equal(packed_heads >> np.uint64(32), groups[packed_order])
+
+
+@pytest.mark.parametrize("highest", [2, 30, 5000])
+def test_argsort_rows_equals_numpy_argsort_with_and_without_ties(highest):
+    # MR's third term depends on argsort's order among equal reverse ranks: rows with ties must
+    # come out exactly as np.argsort orders them, the others in plain value order.
+    rng = np.random.default_rng(highest)
+    ranks = rng.integers(0, highest, (400, 30)).astype(np.float64)
+    np.testing.assert_array_equal(rerank_module._argsort_rows(ranks), np.argsort(ranks, axis=1))
+    huge = np.full((2, 3), 2.0**61)  # keys would overflow int64: numpy's argsort runs
+    np.testing.assert_array_equal(rerank_module._argsort_rows(huge), np.argsort(huge, axis=1))

@@ -817,11 +817,34 @@ def _by_reverse_ordinal(reverse_ranks: Any, curve: np.ndarray) -> np.ndarray:
     """
     host = reverse_ranks.get() if hasattr(reverse_ranks, "get") else np.asarray(reverse_ranks)
     n_rows, k = host.shape
-    order = np.argsort(host, axis=1)
+    order = _argsort_rows(host)
     order += (np.arange(n_rows) * k)[:, None]  # flat positions: one scatter instead of a 2-D one
     out = np.empty((n_rows, k), dtype=np.float64)
     out.reshape(-1)[order] = curve
     return out
+
+
+def _argsort_rows(ranks: np.ndarray) -> np.ndarray:
+    """``np.argsort(ranks, axis=1)`` for rows of whole-number ranks, about 3x faster.
+
+    Each rank is packed with its column into one int64 key; keys are distinct, so ``np.sort`` (a
+    SIMD sort, much cheaper per short row than ``argsort``) orders them, and the column comes back
+    out of the low bits. A row with equal ranks keeps numpy's own argsort, whose tie order the
+    original's output depends on.
+    """
+    n_rows, k = ranks.shape
+    if ranks.size == 0 or float(ranks.max()) * k >= 2.0**62:  # keys would not fit: never for real ranks
+        return np.argsort(ranks, axis=1)
+    keys = ranks.astype(np.int64)
+    keys *= k
+    keys += np.arange(k)
+    keys.sort(axis=1)
+    order = keys % k
+    keys //= k
+    tied = (keys[:, 1:] == keys[:, :-1]).any(axis=1)
+    if tied.any():
+        order[tied] = np.argsort(ranks[tied], axis=1)
+    return order
 
 
 def _scatter(xp: ModuleType, scores: Any, cand: Any, n_gallery: int) -> Any:
