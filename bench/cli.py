@@ -153,7 +153,9 @@ def _limit_threads(threads: int) -> str:
     torch.set_num_threads(threads)
     if numpy_loaded:
         return "library default (numpy was loaded before galr-bench could set it)"
-    return f"{threads} (OPENBLAS/OMP/MKL_NUM_THREADS)"
+    # galr.console sets the timeout for every command; shown because it changes end-to-end latency.
+    timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "unset (OpenBLAS default 28)")
+    return f"{threads} (OPENBLAS/OMP/MKL_NUM_THREADS), OPENBLAS_THREAD_TIMEOUT {timeout}"
 
 
 def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[str, Any]:
