@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -66,6 +66,17 @@ def _order_with_rerank(values: np.ndarray, candidates: np.ndarray, bank_values: 
     return full, np.take_along_axis(values, full, 1), np.take_along_axis(mr_full, full, 1)
 
 
+@dataclass(frozen=True)
+class _Searched:
+    """What a query is matched against: its embeddings (any float dtype, converted row by row as
+    needed) and how to name and describe item ``g``. Only the hits are looked up, so a call costs
+    nothing per gallery item beyond the search itself."""
+
+    embeddings: np.ndarray
+    id_of: Callable[[int], str]
+    record_of: Callable[[int], dict[str, Any]]
+
+
 class Retriever:
     """Text->image and image->text search over a gallery index with optional multivariate rerank.
 
@@ -111,7 +122,7 @@ class Retriever:
 
     @property
     def has_text_bank(self) -> bool:
-        return len(self.index.text_bank_texts) > 0
+        return self.index.text_bank_embeddings.shape[0] > 0
 
     def _rerank_possible(self, rerank: bool, bank_rows: int) -> bool:
         if rerank and bank_rows == 0:
@@ -125,9 +136,10 @@ class Retriever:
         start = time.perf_counter()
         query_embeddings = self.engine.encode_text(list(queries))
         encode_ms = (time.perf_counter() - start) * 1e3
-        bank = self.index.text_bank_embeddings
-        return self._search(list(queries), query_embeddings, encode_ms, self.index.image_embeddings(), bank,
-                            [r.to_dict() for r in self.index.records], self.index.ids, top_k, rerank, use_index=True)
+        index = self.index
+        images = _Searched(index.embeddings, lambda g: index.record_at(g).id, lambda g: index.record_at(g).to_dict())
+        return self._search(list(queries), query_embeddings, encode_ms, images, index.text_bank_embeddings, top_k,
+                            rerank, use_index=True)
 
     def search_images(self, images: Any, local: Any = None, top_k: int = 10, rerank: bool = True) -> list[QueryResult]:
         """Captions of the index's text bank for each query image, best first (image->text mode).
@@ -141,28 +153,29 @@ class Retriever:
         encode_ms = (time.perf_counter() - start) * 1e3
         labels = [str(item) for item in images] if not isinstance(images, np.ndarray) else \
             [f"image #{i}" for i in range(len(images))]
-        texts = list(self.index.text_bank_texts)
-        return self._search(labels, query_embeddings, encode_ms, self.index.text_bank_embeddings,
-                            self.index.image_embeddings(), [{"text": t} for t in texts], texts, top_k, rerank)
+        texts = self.index.text_bank_texts
+        captions = _Searched(self.index.text_bank_embeddings, texts.__getitem__, lambda g: {"text": texts[g]})
+        return self._search(labels, query_embeddings, encode_ms, captions, self.index.embeddings, top_k, rerank)
 
-    def _search(self, labels, query_embeddings, encode_ms, gallery, bank, records, ids, top_k, rerank, use_index=False):
+    def _search(self, labels: list[str], query_embeddings: np.ndarray, encode_ms: float, gallery: _Searched,
+                bank: np.ndarray, top_k: int, rerank: bool, use_index: bool = False) -> list[QueryResult]:
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
         rerank = self._rerank_possible(rerank, len(bank))
-        depth = min(len(gallery), max(top_k, MIN_CANDIDATES, self.rerank_config.k) if rerank else top_k)
+        depth = min(len(gallery.embeddings), max(top_k, MIN_CANDIDATES, self.rerank_config.k) if rerank else top_k)
         start = time.perf_counter()
         if use_index:  # exact blockwise top-k, on the GPU when CuPy is there
             found = self.index.search(query_embeddings, depth, device=self.device)
             candidates, values = found.indices, found.scores
         else:  # image->text: the gallery is the (small) text bank
-            scores = query_embeddings @ np.asarray(gallery, dtype=np.float32).T
+            scores = query_embeddings @ np.asarray(gallery.embeddings, dtype=np.float32).T
             candidates = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
             values = np.take_along_axis(scores, candidates, 1)
         search_ms = (time.perf_counter() - start) * 1e3
         start = time.perf_counter()
         mr_scores = None
         if rerank:
-            picked = np.asarray(gallery, dtype=np.float32)[candidates]  # [nq, depth, D]
+            picked = np.asarray(gallery.embeddings[candidates], dtype=np.float32)  # [nq, depth, D]
             bank_values = np.einsum("bd,qkd->bqk", np.asarray(bank, dtype=np.float32), picked)
             order, values, mr_scores = _order_with_rerank(values, candidates, bank_values, self.rerank_config, top_k)
             candidates = np.take_along_axis(candidates, order, 1)
@@ -172,9 +185,9 @@ class Retriever:
         per_query = len(labels) or 1
         results = []
         for row, label in enumerate(labels):
-            hits = [Hit(rank + 1, ids[g], float(values[row, rank]),
-                        None if mr_scores is None else float(mr_scores[row, rank]), records[g])
-                    for rank, g in enumerate(candidates[row])]
+            hits = [Hit(rank + 1, gallery.id_of(g), float(values[row, rank]),
+                        None if mr_scores is None else float(mr_scores[row, rank]), gallery.record_of(g))
+                    for rank, g in enumerate(candidates[row].tolist())]
             timings = {"encode": encode_ms / per_query, "search": search_ms / per_query, "rerank": rerank_ms / per_query}
             results.append(QueryResult(label, hits, rerank, timings))
         return results
