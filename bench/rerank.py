@@ -134,7 +134,31 @@ def run_rerank_benchmarks(settings: RerankBenchSettings, log: Log) -> dict[str, 
                 **compare_outputs(reference, output),
             })
     return {"status": STATUS_OK, "settings": settings.to_dict(), "tolerance": TOLERANCE, "rows": rows,
-            "seconds": round(elapsed(), 1)}
+            "steps": mr_steps(rows), "seconds": round(elapsed(), 1)}
+
+
+def mr_steps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per size, MR as the authors' evaluation runs it: both directions, one after the other.
+
+    The issue quotes one original time per size, so this is the comparison its goal names; the
+    per-direction rows stay the detail (i2t alone is the harder ratio: its loop is the cheap one).
+
+    Returns:
+        One entry per size with both directions: ``reference_s`` (sum of the loop times),
+        ``batched_ms`` (sum of the batched medians), ``speedup`` and ``goal_met``.
+    """
+    steps = []
+    for label in dict.fromkeys(row["size"] for row in rows):
+        both = [row for row in rows if row["size"] == label]
+        if {row["direction"] for row in both} != {"i2t", "t2i"}:
+            continue
+        reference = sum(row["reference_s"] for row in both)
+        batched = sum(row["batched_s"]["median"] for row in both)
+        speedup = reference / batched
+        steps.append({"size": label, "images": both[0]["images"], "captions": both[0]["captions"],
+                      "reference_s": reference, "batched_ms": batched * 1e3, "speedup": speedup,
+                      "speedup_goal": SPEEDUP_GOAL, "goal_met": speedup >= SPEEDUP_GOAL})
+    return steps
 
 
 __all__ = [
@@ -143,6 +167,7 @@ __all__ = [
     "TOLERANCE",
     "RerankBenchSettings",
     "compare_outputs",
+    "mr_steps",
     "run_rerank_benchmarks",
     "synthetic_similarity",
 ]

@@ -98,6 +98,16 @@ def test_mr_matches_the_original_and_reports_its_speedup(quick_run):
         assert row["speedup"] == pytest.approx(row["reference_s"] / row["batched_s"]["median"])
         assert row["goal_met"] == (row["speedup"] >= row["speedup_goal"])
     assert mr_mismatches(quick_run[2]) == []
+    by_size = {}
+    for row in section["rows"]:
+        by_size.setdefault(row["size"], []).append(row)
+    assert [step["size"] for step in section["steps"]] == list(by_size)
+    for step in section["steps"]:
+        both = by_size[step["size"]]
+        assert step["reference_s"] == pytest.approx(sum(r["reference_s"] for r in both))
+        assert step["batched_ms"] == pytest.approx(1e3 * sum(r["batched_s"]["median"] for r in both))
+        assert step["goal_met"] == (step["speedup"] >= step["speedup_goal"])
+    assert "The whole MR step per size" in quick_run[1].read_text()
 
 
 def test_gallery_and_limits_sections(quick_run):
