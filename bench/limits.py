@@ -18,7 +18,9 @@ embedding size, ``conv(cin, cout, k, hw) = 2 cin k^2 cout hw^2``:
   length 1, so each of the 6 attention blocks is ``linear_merge(linear_v(v))`` = ``4 D^2``; 4
   feed-forwards ``4 D f``; the dynamic weight ``2 D d + 4 d``.
 * text (``T`` tokens, word size ``E``, GRU hidden ``H``): ``T (6 H E + 6 H H) + 2 H D``.
-* end-to-end: text plus the exact search, ``2 n D`` per query over ``n`` gallery rows.
+* search: the exact search, ``2 n D`` per query over ``n`` gallery rows, which it reads once per call.
+* end-to-end: text plus search. Its limit is the sum of the two stages' limits (:data:`STAGES`): they
+  run one after the other on different working sets.
 
 **Bytes** (fp32): ``weights`` are the parameters a call reads once (BatchNorm folded into the
 convolutions as ONNX Runtime and TensorRT do; the ResNet's unused classifier and MIDF's unused
@@ -150,18 +152,29 @@ def text_cost(config: GaLRConfig, tokens: int) -> EncoderCost:
     return EncoderCost(flops, params * FLOAT_BYTES, io_bytes, (tokens - 1) * recurrent * FLOAT_BYTES)
 
 
+def search_cost(config: GaLRConfig, gallery: int) -> EncoderCost:
+    """An exact search over ``gallery`` fp32 rows: ``2 n D`` FLOPs, every row read once per call."""
+    d = config.embed_dim
+    return EncoderCost(2.0 * gallery * d, gallery * d * FLOAT_BYTES, 0.0)
+
+
 def end_to_end_cost(config: GaLRConfig, tokens: int, gallery: int) -> EncoderCost:
     """Text encoder plus an exact search over ``gallery`` fp32 rows."""
-    text = text_cost(config, tokens)
-    d = config.embed_dim
-    return EncoderCost(text.flops_per_item + 2.0 * gallery * d, text.weight_bytes + gallery * d * FLOAT_BYTES,
+    text, search = text_cost(config, tokens), search_cost(config, gallery)
+    return EncoderCost(text.flops_per_item + search.flops_per_item, text.weight_bytes + search.weight_bytes,
                        text.io_bytes_per_item, text.streamed_bytes)
 
 
+#: Pipelines whose limit is the sum of their stages' limits: the stages run one after the other, each
+#: on its own working set (the GRU's weights are re-read at the text encoder's rate, not the search's).
+STAGES = {"end-to-end": ("text", "search")}
+
+
 def encoder_costs(config: GaLRConfig, tokens: int, gallery: int) -> dict[str, EncoderCost]:
-    """Costs of every encoder of :data:`galr.bench.encoders.ENCODER_NAMES`."""
+    """Costs of every encoder of :data:`galr.bench.encoders.ENCODER_NAMES`, and of the search stage."""
     return {"global": global_cost(config), "local": local_cost(config), "fusion": fusion_cost(config),
-            "text": text_cost(config, tokens), "end-to-end": end_to_end_cost(config, tokens, gallery)}
+            "text": text_cost(config, tokens), "search": search_cost(config, gallery),
+            "end-to-end": end_to_end_cost(config, tokens, gallery)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,6 +299,15 @@ def limit_seconds(name: str, cost: EncoderCost, batch: int, peaks: dict[str, Any
     return terms[bound], bound
 
 
+def _pipeline_limit(name: str, costs: dict[str, EncoderCost], batch: int, peaks: dict[str, Any]) -> tuple[float, str]:
+    """:func:`limit_seconds` of an encoder, or the sum over the stages of a pipeline (:data:`STAGES`);
+    a pipeline's bound is that of its slowest stage."""
+    if name not in STAGES:
+        return limit_seconds(name, costs[name], batch, peaks)
+    limits = [limit_seconds(stage, costs[stage], batch, peaks) for stage in STAGES[name]]
+    return sum(seconds for seconds, _ in limits), max(limits)[1]
+
+
 def _measured_seconds_per_item(row: dict[str, Any]) -> float | None:
     if row.get("kind") == "latency":
         return row["latency_ms"]["p50"]["median"] / 1e3
@@ -311,7 +333,7 @@ def fractions_of_limit(costs: dict[str, EncoderCost], peaks: dict[str, Any], enc
         cost = costs.get(row["encoder"])
         if measured is None or cost is None:
             continue
-        limit, bound = limit_seconds(row["encoder"], cost, row["batch"], peaks)
+        limit, bound = _pipeline_limit(row["encoder"], costs, row["batch"], peaks)
         out.append({"encoder": row["encoder"], "backend": row["backend"], "batch": row["batch"],
                     "measured_ms_per_item": measured * 1e3, "limit_ms_per_item": limit * 1e3, "bound": bound,
                     "fraction_of_limit": limit / measured,
@@ -348,7 +370,9 @@ __all__ = [
     "EncoderCost",
     "PeakSettings",
     "attach_fractions",
+    "STAGES",
     "encoder_costs",
+    "end_to_end_cost",
     "fractions_of_limit",
     "fusion_cost",
     "global_cost",
@@ -356,5 +380,6 @@ __all__ = [
     "local_cost",
     "measure_peaks",
     "run_limits",
+    "search_cost",
     "text_cost",
 ]

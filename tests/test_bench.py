@@ -244,6 +244,22 @@ def test_analytic_flops_equal_torch_flop_counter(overrides):
             stage(*feeds[name].values())
         assert costs[name].flops_per_item == counter.get_total_flops(), name
     assert costs["end-to-end"].flops_per_item == costs["text"].flops_per_item + 2 * 100 * config.embed_dim
+    assert costs["search"].weight_bytes == 100 * config.embed_dim * 4
+
+
+def test_the_end_to_end_limit_is_the_sum_of_its_stages():
+    from galr.bench.limits import encoder_costs, fractions_of_limit, limit_seconds
+    from galr.config import GaLRConfig
+
+    costs = encoder_costs(GaLRConfig.small(), tokens=9, gallery=1000)
+    # The text weights are read fast (in cache), the gallery slowly: one blended rate would be wrong.
+    peaks = {"matmul_gflops": {"numpy": {"max": 100.0}}, "bandwidth_gbs": {"copy": {"max": 10.0}},
+             "weight_read_gbs": {"text": {"max": 40.0}, "search": {"max": 5.0}, "end-to-end": {"max": 1.0}}}
+    row = {"encoder": "end-to-end", "backend": "onnxruntime-fp32", "batch": 1, "status": "ok", "kind": "latency",
+           "latency_ms": {"p50": {"median": 10.0}}}
+    [fraction] = fractions_of_limit(costs, peaks, [row])
+    expected = limit_seconds("text", costs["text"], 1, peaks)[0] + limit_seconds("search", costs["search"], 1, peaks)[0]
+    assert fraction["limit_ms_per_item"] == pytest.approx(expected * 1e3)
 
 
 def test_weight_bytes_match_the_exported_parameters():
