@@ -130,7 +130,7 @@ def _settings(options: BenchOptions, threads: int) -> dict[str, Any]:
                                          seed=seed),
         "gallery": GallerySettings(sizes=(10_000,), build_images=8, build_batch=8, threads=threads, seed=seed,
                                    timing=fast.with_iterations(1, 10)),
-        "rerank": RerankBenchSettings(sizes=("RSITMD test",), seed=seed,
+        "rerank": RerankBenchSettings(sizes=("RSITMD test",), seed=seed, reference_runs=1,
                                       timing=TimingSettings(warmup=1, repeats=3, min_iterations=1, max_iterations=1)),
         "limits": PeakSettings(matmul_size=512, stream_bytes=32 * 2**20, timing=fast.with_iterations(1, 5)),
     }
