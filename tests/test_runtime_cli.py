@@ -86,7 +86,7 @@ def test_a_search_looks_up_only_its_hits(deployment, monkeypatch):
     described = []
     original = ImageRecord.to_dict
     monkeypatch.setattr(ImageRecord, "to_dict", lambda record: described.append(record.id) or original(record))
-    results = retriever.search_text(["two white planes on a runway", "ships"], top_k=2, rerank=True)
+    results = retriever.search_text(["two white planes on a runway", "many ships in the harbor"], top_k=2, rerank=True)
     assert sorted(described) == sorted(hit.id for result in results for hit in result.hits)
     assert all(hit.record["id"] == hit.id for result in results for hit in result.hits)
 
