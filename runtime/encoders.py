@@ -280,4 +280,6 @@ def load_engine(bundle: str | os.PathLike | Bundle = "galr.plan", backend: str =
     else:
         runners, limits = _onnxruntime_runners(bundle, precision, chosen_device, onnxruntime_options), {}
     info = EngineInfo(chosen_backend, chosen_device, precision, reason, str(bundle.path))
-    return GaLREngine(bundle, runners, info, limits)
+    engine = GaLREngine(bundle, runners, info, limits)
+    engine.tokenizer.warm_up()  # the first query then costs what every query costs (NLTK loads in ~0.3 s)
+    return engine

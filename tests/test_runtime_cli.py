@@ -91,6 +91,18 @@ def test_a_search_looks_up_only_its_hits(deployment, monkeypatch):
     assert all(hit.record["id"] == hit.id for result in results for hit in result.hits)
 
 
+def test_load_engine_loads_the_tokenizer_up_front(deployment):
+    # NLTK takes ~0.3 s to load; a server's first query should not pay it.
+    from galr.preprocess import text
+
+    text._nltk_tokenizers.cache_clear()
+    engine = load_engine(deployment["bundle"], backend="onnxruntime", device="cpu")
+    try:
+        assert text._nltk_tokenizers.cache_info().currsize == 1
+    finally:
+        engine.close()
+
+
 def test_record_at_and_the_bank_view(deployment):
     index = load_index(deployment["index"])
     assert index.record_at(0).id == index.ids[0] and index.record_at(len(index) - 1).id == index.ids[-1]
