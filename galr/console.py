@@ -14,8 +14,9 @@ from typing import Any, Callable
 
 #: OpenBLAS's idle worker threads spin for about 2**28 cycles (~0.1 s) after each call. A search's
 #: matrix product leaves them spinning through the next ONNX Runtime call, which then shares its
-#: cores with them: on 2 cores a text query + 10k search took 52-57 ms instead of 28 ms
-#: (BENCHMARKS.md, end to end). With 2**4 cycles they sleep at once; search times did not change.
+#: cores with them: on 2 cores galr-bench's end-to-end query (text encoder + 10k search) took 112 ms
+#: at p50 instead of 26 ms (BENCHMARKS.md). With 2**4 cycles they sleep at once; search times did
+#: not change.
 OPENBLAS_THREAD_TIMEOUT = "4"
 
 
