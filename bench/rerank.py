@@ -67,7 +67,8 @@ class RerankBenchSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return {"sizes": list(self.sizes), "config": dataclasses.asdict(self.config),
-                "timing": self.timing.to_dict(), "reference_runs": self.reference_runs, "embed_dim": self.embed_dim, "noise": self.noise, "seed": self.seed}
+                "timing": self.timing.to_dict(), "reference_runs": self.reference_runs,
+                "embed_dim": self.embed_dim, "noise": self.noise, "seed": self.seed}
 
 
 def synthetic_similarity(images: int, captions: int, dim: int = 512, noise: float = 1.5, seed: int = 0) -> np.ndarray:
@@ -150,7 +151,7 @@ def run_rerank_benchmarks(settings: RerankBenchSettings, log: Log) -> dict[str, 
 def mr_steps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per size, MR as the authors' evaluation runs it: both directions, one after the other.
 
-    The issue quotes one original time per size, so this is the comparison its goal names; the
+    The speed-up goal quotes one original time per size, so this is the comparison it names; the
     per-direction rows stay the detail (i2t alone is the harder ratio: its loop is the cheap one).
 
     Returns:
