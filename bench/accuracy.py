@@ -57,8 +57,9 @@ def run_accuracy(checkpoint: Path, dataset: Path, log: Log) -> dict[str, Any]:
         return not_run(f"no trained model at {checkpoint}")
     if not Path(dataset).is_dir():
         return not_run(f"no benchmark dataset at {dataset}")
-    from galr.export.parity import ParityError
     from galr.export.pipeline import ExportSettings, export_bundle
+
+    from galr.errors import GalrError
 
     elapsed = stopwatch()
     with tempfile.TemporaryDirectory(prefix="galr-bench-accuracy-") as work:
@@ -70,7 +71,7 @@ def run_accuracy(checkpoint: Path, dataset: Path, log: Log) -> dict[str, Any]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 report = export_bundle(settings, log=lambda message: log(f"  {message}"))
-        except (ParityError, ValueError, OSError) as exc:
+        except (GalrError, OSError) as exc:
             return not_run(f"export of {checkpoint} failed: {exc}")
     rows = [_torch_row(Path(checkpoint), Path(dataset), log)]
     for precision in ("fp32", "fp16", "int8"):

@@ -27,11 +27,12 @@ from typing import Any, Callable
 import click
 
 from galr import paths
+from galr.atomic import write_text_atomically
+from galr.console import GalrCommand
+from galr.errors import GateError, InputError
 
 SECTIONS: tuple[str, ...] = ("limits", "rerank", "gallery", "encoders", "accuracy")
 DEFAULT_OUTPUT = Path("bench/results.json")
-EXIT_OK = 0
-EXIT_MR_MISMATCH = 1  # the batched MR's outputs differ from the original's
 _BLAS_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -68,9 +69,9 @@ class BenchOptions:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.sections) - set(SECTIONS))
         if unknown:
-            raise ValueError(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
+            raise InputError(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+            raise InputError(f"threads must be >= 1, got {self.threads}")
 
     @property
     def resolved_threads(self) -> int:
@@ -113,6 +114,7 @@ def _settings(options: BenchOptions, threads: int) -> dict[str, Any]:
     from galr.bench.harness import TimingSettings
     from galr.bench.limits import PeakSettings
     from galr.bench.rerank import RerankBenchSettings
+
     from galr.config import GaLRConfig
 
     seed = options.seed
@@ -172,7 +174,11 @@ def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[st
     blas_threads = _limit_threads(threads)
     from galr.bench import harness
     from galr.bench.accuracy import run_accuracy
-    from galr.bench.encoders import prepare_model, run_encoder_benchmarks, tensorrt_unavailable_reason
+    from galr.bench.encoders import (
+        prepare_model,
+        run_encoder_benchmarks,
+        tensorrt_unavailable_reason,
+    )
     from galr.bench.gallery import run_gallery_benchmarks
     from galr.bench.limits import attach_fractions, run_limits
     from galr.bench.report import render_markdown
@@ -221,7 +227,7 @@ def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[st
     harness.write_results(options.output, results)
     log(f"wrote {options.output}")
     if options.markdown is not None:
-        options.markdown.write_text(render_markdown(harness.load_results(options.output)), encoding="utf-8")
+        write_text_atomically(options.markdown, render_markdown(harness.load_results(options.output)))
         log(f"wrote {options.markdown}")
     return results
 
@@ -241,14 +247,12 @@ def _stderr_log() -> Callable[[str], None]:
 
 
 _EPILOG = """\b
-Exit codes:
-  0  results written
-  1  the batched MR's outputs differ from the original algorithm's (results still written)
-  2  bad arguments or an unreadable --render file
+When the batched MR's outputs differ from the original algorithm's, the results are still
+written and the command exits with the gate code (4).
 """
 
 
-@click.command(epilog=_EPILOG)
+@click.command("galr-bench", cls=GalrCommand, epilog=_EPILOG)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_OUTPUT,
               show_default=True, help="JSON result file.")
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -275,11 +279,8 @@ def main(output: Path, markdown: Path | None, quick: bool, sections: tuple[str, 
 
         if markdown is None:
             raise click.UsageError("--render needs --markdown (where to write the Markdown)")
-        try:
-            results = load_results(render_from)
-        except (FileNotFoundError, ValueError) as exc:
-            raise click.BadParameter(str(exc), param_hint="--render") from None
-        markdown.write_text(render_markdown(results), encoding="utf-8")
+        results = load_results(render_from)
+        write_text_atomically(markdown, render_markdown(results))
         click.echo(f"wrote {markdown}")
         return
     options = BenchOptions(output=output, markdown=markdown, quick=quick, sections=tuple(sections) or SECTIONS,
@@ -287,8 +288,7 @@ def main(output: Path, markdown: Path | None, quick: bool, sections: tuple[str, 
     results = run_benchmarks(options, _stderr_log())
     mismatches = mr_mismatches(results)
     if mismatches:
-        click.echo("MR outputs differ from the original algorithm: " + "; ".join(mismatches), err=True)
-        sys.exit(EXIT_MR_MISMATCH)
+        raise GateError("MR outputs differ from the original algorithm (results written): " + "; ".join(mismatches))
 
 
 __all__ = ["SECTIONS", "BenchOptions", "main", "mr_mismatches", "run_benchmarks"]

@@ -38,8 +38,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-
-from galr import graphs
 from galr.bench.harness import (
     STATUS_OK,
     Case,
@@ -50,7 +48,10 @@ from galr.bench.harness import (
     run_interleaved,
     stopwatch,
 )
+
+from galr import graphs
 from galr.config import GaLRConfig
+from galr.errors import InputError
 
 REFERENCE = "pytorch-eager"
 BACKENDS: tuple[str, ...] = (REFERENCE, "onnxruntime-fp32", "onnxruntime-int8", "tensorrt-fp16", "tensorrt-int8")
@@ -95,9 +96,9 @@ class EncoderBenchSettings:
 
     def __post_init__(self) -> None:
         if any(b < 2 for b in self.batch_sizes):
-            raise ValueError(f"batch_sizes are throughput batches and must be >= 2, got {list(self.batch_sizes)}")
+            raise InputError(f"batch_sizes are throughput batches and must be >= 2, got {list(self.batch_sizes)}")
         if self.text_length < 1 or self.threads < 1 or self.e2e_gallery < self.top_k or self.top_k < 1:
-            raise ValueError("text_length, threads and top_k must be >= 1 and e2e_gallery >= top_k")
+            raise InputError("text_length, threads and top_k must be >= 1 and e2e_gallery >= top_k")
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -167,14 +168,18 @@ def prepare_model(config: GaLRConfig, work_dir: Path, *, fp16: bool, calibration
         :attr:`BenchModel.int8_error` says why.
     """
     import torch
-
     from galr.calibration.fp16 import convert_to_fp16
-    from galr.calibration.int8 import CalibrationError, CalibrationSettings, quantize_bundle_graphs
-    from galr.export.onnx_export import export_all, stamp_metadata
+    from galr.calibration.int8 import (
+        CalibrationError,
+        CalibrationSettings,
+        quantize_bundle_graphs,
+    )
+    from galr.export.onnx_export import export_all
     from galr.export.pipeline import ExportReport, ExportSettings, build_manifest
+
+    from galr.bundle import onnx_member, write_bundle
     from galr.model import GaLR
     from galr.model.checkpoint import LoadedCheckpoint, save_checkpoint
-    from galr.runtime.bundle import onnx_member, write_bundle
 
     elapsed = stopwatch()
     torch.manual_seed(seed)
@@ -187,20 +192,17 @@ def prepare_model(config: GaLRConfig, work_dir: Path, *, fp16: bool, calibration
     protos = export_all(model)
     graph_bytes: dict[str, dict[str, bytes]] = {"fp32": {name: p.SerializeToString() for name, p in protos.items()}}
     if fp16:
-        graph_bytes["fp16"] = {}
-        for name, proto in protos.items():
-            half = convert_to_fp16(proto)
-            stamp_metadata(half, {"galr.precision": "fp16"})
-            graph_bytes["fp16"][name] = half.SerializeToString()
+        graph_bytes["fp16"] = {name: convert_to_fp16(proto).SerializeToString() for name, proto in protos.items()}
     loaded = LoadedCheckpoint(model, vocab, "galr")
     int8_error = None
     log(f"calibrating INT8 on {calibration_images} random images (minmax)")
     try:
         settings = CalibrationSettings(method="minmax", max_images=calibration_images, batch_size=calibration_images,
-                                       latency_runs=0, seed=seed)
+                                       seed=seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            graph_bytes["int8"], _ = quantize_bundle_graphs(graph_bytes["fp32"], loaded, settings, log=lambda _: None,
+            graph_bytes["int8"], _ = quantize_bundle_graphs(graph_bytes["fp32"], vocab, loaded.spec, settings,
+                                                            log=lambda _: None,
                                                             inputs=random_inputs(config, calibration_images, seed, vocab))
     except CalibrationError as exc:
         int8_error = f"INT8 calibration failed: {exc}"
@@ -208,7 +210,7 @@ def prepare_model(config: GaLRConfig, work_dir: Path, *, fp16: bool, calibration
     bundle = work_dir / "random.plan"
     report = ExportReport(bundle, inputs="random weights; INT8 ranges from random inputs (benchmark only)")
     export_settings = ExportSettings(checkpoint=checkpoint, output=bundle)
-    manifest = build_manifest(loaded, checkpoint, graph_bytes, export_settings, report)
+    manifest = build_manifest(loaded, loaded.spec, checkpoint, graph_bytes, export_settings, report)
     members = {onnx_member(p, n): data for p, by_name in graph_bytes.items() for n, data in by_name.items()}
     write_bundle(bundle, manifest, members)
     return BenchModel(model, vocab, bundle, tuple(graph_bytes), int8_error, elapsed())
@@ -264,43 +266,20 @@ def _eager_graphs(model: Any) -> dict[str, InferFn]:
     return {name: wrap(stage, io[name].input_names) for name, stage in stages.items()}
 
 
-def _runner_graphs(runners: dict[str, Any]) -> dict[str, InferFn]:
-    return {name: runner.infer for name, runner in runners.items()}
-
-
 def _onnxruntime_options(threads: int) -> Any:
     from galr.runtime.backends.onnxruntime import OnnxRuntimeOptions
 
     return OnnxRuntimeOptions(intra_op_threads=threads)
 
 
-def open_backend(bench: BenchModel, backend: str, threads: int) -> tuple[dict[str, Any], Any]:
-    """Per-graph runners and a :class:`~galr.runtime.encoders.GaLREngine` for one non-reference backend.
-
-    Returns:
-        ``(runners by graph name, engine)``; close both when done.
-    """
-    from galr.runtime.bundle import read_bundle
-    from galr.runtime.encoders import load_engine, select_engine
+def open_backend(bench: BenchModel, backend: str, threads: int) -> Any:
+    """The :class:`~galr.runtime.encoders.Encoders` of one non-reference backend (one session per graph;
+    the encoder rows time ``encoders.runners`` directly). Close them when done."""
+    from galr.runtime.encoders import load_engine
 
     kind, precision = backend.split("-")
-    bundle = read_bundle(bench.bundle)
-    if kind == "onnxruntime":
-        from galr.runtime.backends.onnxruntime import OnnxRuntimeRunner
-
-        options = _onnxruntime_options(threads)
-        runners = {name: OnnxRuntimeRunner(bundle.onnx_bytes(name, precision), device="cpu", options=options).activate()
-                   for name in graphs.GRAPH_NAMES}
-        engine = load_engine(bundle, backend="onnxruntime", device="cpu", precision=precision,
-                             onnxruntime_options=options)
-    else:
-        from galr.runtime.backends.tensorrt import TensorRTRunner
-
-        entry = select_engine(bundle, precision)
-        runners = {name: TensorRTRunner(bundle.read_member(entry["members"][name])).activate()
-                   for name in graphs.GRAPH_NAMES}
-        engine = load_engine(bundle, backend="tensorrt", precision=precision)
-    return runners, engine
+    return load_engine(bench.bundle, backend=kind, device="cpu" if kind == "onnxruntime" else "cuda",
+                       precision=precision, options=[_onnxruntime_options(threads)])
 
 
 def _random_unit_rows(rows: int, dim: int, rng: np.random.Generator) -> np.ndarray:
@@ -354,15 +333,10 @@ def _reference_backend(bench: BenchModel, index: Any, top_k: int) -> _Backend:
 
 
 def _runtime_backend(bench: BenchModel, name: str, threads: int, index: Any, top_k: int) -> _Backend:
-    runners, engine = open_backend(bench, name, threads)
-
-    def close() -> None:
-        for runner in runners.values():
-            runner.close()
-        engine.close()
-
-    return _Backend(name, _runner_graphs(runners), lambda queries: index.search(engine.encode_text(queries), k=top_k,
-                                                                               device="cpu"), close)
+    encoders = open_backend(bench, name, threads)
+    graphs_by_name = {graph: runner.infer for graph, runner in encoders.runners.items()}
+    return _Backend(name, graphs_by_name, lambda queries: index.search(encoders.encode_text(queries), k=top_k,
+                                                                       device="cpu"), encoders.close)
 
 
 def _unavailable_backends(bench: BenchModel, tensorrt_reason: str | None) -> dict[str, str]:
@@ -459,7 +433,7 @@ def run_encoder_benchmarks(bench: BenchModel, settings: EncoderBenchSettings, lo
 
 
 def read_model_hash(bundle_path: Path) -> str:
-    from galr.runtime.bundle import read_bundle
+    from galr.bundle import read_bundle
 
     return read_bundle(bundle_path).model_hash
 

@@ -30,8 +30,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-
-from galr.bench.harness import STATUS_OK, Log, TimingSettings, measure, not_run, stopwatch
+from galr.bench.harness import (
+    STATUS_OK,
+    Log,
+    TimingSettings,
+    measure,
+    not_run,
+    stopwatch,
+)
 
 _CHILD_FLAG = "--search-case"
 
@@ -115,20 +121,18 @@ def measure_index_build(bench: Any, settings: GallerySettings, log: Log) -> list
             if precision not in bench.precisions:
                 rows.append({"backend": backend, **not_run(bench.int8_error or f"no {precision} graphs")})
                 continue
-            runners, engine = open_backend(bench, backend, settings.threads)
-            for runner in runners.values():
-                runner.close()  # only the engine is needed here
+            encoders = open_backend(bench, backend, settings.threads)
             log(f"index build, {backend}: {len(paths)} images")
 
-            def build(engine: Any = engine) -> None:
+            def build(encoders: Any = encoders) -> None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # one no-detection warning per image
-                    build_index(engine, paths, batch_size=settings.build_batch, progress=False, root=folder)
+                    build_index(encoders, paths, batch_size=settings.build_batch, progress=False, root=folder)
 
             timing = TimingSettings(warmup=1, repeats=settings.timing.repeats, min_iterations=1, max_iterations=1,
                                     target_seconds=1.0)
             throughput = measure(build, timing, items=len(paths)).throughput()
-            engine.close()
+            encoders.close()
             rows.append({"backend": backend, "status": STATUS_OK, "images": len(paths), "batch": settings.build_batch,
                          "images_per_s": throughput})
     return rows
@@ -170,6 +174,7 @@ def search_case(size: int, storage: str, settings: GallerySettings) -> dict[str,
         The row for this (size, storage).
     """
     from galr.runtime.index import GalleryIndex, ImageRecord
+    from galr.runtime.index.vectors import STORAGE_DTYPES
 
     rng = np.random.default_rng(settings.seed)
     dim = settings.embed_dim
@@ -198,7 +203,7 @@ def search_case(size: int, storage: str, settings: GallerySettings) -> dict[str,
         "queries_per_s_batched": batched.throughput(),
         "query_batch": settings.query_batch,
         "memory": {
-            "embedding_bytes_per_image": index.embeddings.itemsize * dim,
+            "embedding_bytes_per_image": np.dtype(STORAGE_DTYPES[storage]).itemsize * dim,
             "resident_delta_mb": None if resident_delta is None else resident_delta / 2**20,
             "resident_bytes_per_image": None if resident_delta is None else resident_delta / size,
             "peak_delta_mb": (peak_after - peak_before) / 2**20,

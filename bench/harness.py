@@ -25,13 +25,15 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from galr.atomic import write_text_atomically
+from galr.errors import InputError, NotFoundError
 
 SCHEMA_NAME = "galr-bench"
 SCHEMA_VERSION = 1
@@ -62,14 +64,14 @@ class TimingSettings:
 
     def __post_init__(self) -> None:
         if self.warmup < 0:
-            raise ValueError(f"TimingSettings.warmup must be >= 0, got {self.warmup}")
+            raise InputError(f"TimingSettings.warmup must be >= 0, got {self.warmup}")
         if self.repeats < 1:
-            raise ValueError(f"TimingSettings.repeats must be >= 1, got {self.repeats}")
+            raise InputError(f"TimingSettings.repeats must be >= 1, got {self.repeats}")
         if not 1 <= self.min_iterations <= self.max_iterations:
-            raise ValueError(f"TimingSettings needs 1 <= min_iterations ({self.min_iterations}) <= "
+            raise InputError(f"TimingSettings needs 1 <= min_iterations ({self.min_iterations}) <= "
                              f"max_iterations ({self.max_iterations})")
         if self.target_seconds <= 0:
-            raise ValueError(f"TimingSettings.target_seconds must be positive, got {self.target_seconds}")
+            raise InputError(f"TimingSettings.target_seconds must be positive, got {self.target_seconds}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,7 +101,7 @@ class Spread:
             ValueError: for an empty sequence.
         """
         if not len(values):
-            raise ValueError("Spread.of needs at least one value")
+            raise InputError("Spread.of needs at least one value")
         return cls(float(min(values)), float(statistics.median(values)), float(max(values)))
 
     def scaled(self, factor: float) -> "Spread":
@@ -347,19 +349,9 @@ def plain(value: Any) -> Any:
 
 
 def write_results(path: str | os.PathLike, results: Mapping[str, Any]) -> Path:
-    """Write the result document as JSON, atomically (a temporary file renamed over ``path``)."""
+    """Write the result document as JSON through the one atomic writer."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(plain(results), indent=2, sort_keys=False, allow_nan=False)
-    handle, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as tmp:
-            tmp.write(text + "\n")
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; results are meant to be shared
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, json.dumps(plain(results), indent=2, sort_keys=False, allow_nan=False) + "\n")
     return path
 
 
@@ -372,20 +364,20 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"benchmark results not found: {path}; run galr-bench -o {path} first")
+        raise NotFoundError(f"benchmark results not found: {path}; run galr-bench -o {path} first")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); rerun galr-bench to rewrite it") from None
+        raise InputError(f"{path} is not valid JSON ({exc}); rerun galr-bench to rewrite it") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA_NAME:
         schema = data.get("schema") if isinstance(data, dict) else None
-        raise ValueError(f"{path} is not a galr-bench result file (schema {schema!r})")
+        raise InputError(f"{path} is not a galr-bench result file (schema {schema!r})")
     if data.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path} has schema version {data.get('schema_version')}; this galr reads version "
+        raise InputError(f"{path} has schema version {data.get('schema_version')}; this galr reads version "
                          f"{SCHEMA_VERSION}; rerun galr-bench")
     missing = [name for name in SECTION_NAMES if name not in data.get("sections", {})]
     if missing:
-        raise ValueError(f"{path} lacks the sections {missing}; rerun galr-bench")
+        raise InputError(f"{path} lacks the sections {missing}; rerun galr-bench")
     return data
 
 

@@ -53,8 +53,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from galr.bench.harness import (
+    STATUS_OK,
+    Log,
+    Spread,
+    TimingSettings,
+    cache_bytes,
+    measure,
+    stopwatch,
+)
 
-from galr.bench.harness import STATUS_OK, Log, Spread, TimingSettings, cache_bytes, measure, stopwatch
 from galr.config import GaLRConfig
 
 FLOAT_BYTES = 4

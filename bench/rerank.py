@@ -24,9 +24,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from galr.bench.harness import (
+    STATUS_OK,
+    Log,
+    Spread,
+    TimingSettings,
+    measure,
+    stopwatch,
+)
 
-from galr.bench.harness import STATUS_OK, Log, Spread, TimingSettings, measure, stopwatch
 from galr.config import RerankConfig
+from galr.errors import InputError
 
 #: The issue's goal: the batched MR at least this many times faster than the original.
 SPEEDUP_GOAL = 200.0
@@ -61,9 +69,9 @@ class RerankBenchSettings:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.sizes) - set(SIZES))
         if unknown:
-            raise ValueError(f"unknown rerank sizes {unknown}; choose from {list(SIZES)}")
+            raise InputError(f"unknown rerank sizes {unknown}; choose from {list(SIZES)}")
         if self.reference_runs < 1:
-            raise ValueError(f"reference_runs must be >= 1, got {self.reference_runs}")
+            raise InputError(f"reference_runs must be >= 1, got {self.reference_runs}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"sizes": list(self.sizes), "config": dataclasses.asdict(self.config),
@@ -78,7 +86,7 @@ def synthetic_similarity(images: int, captions: int, dim: int = 512, noise: floa
         ValueError: when ``captions`` is not a multiple of ``images``.
     """
     if captions % images:
-        raise ValueError(f"captions ({captions}) must be a multiple of images ({images})")
+        raise InputError(f"captions ({captions}) must be a multiple of images ({images})")
     rng = np.random.default_rng(seed)
 
     def unit(x: np.ndarray) -> np.ndarray:
@@ -110,6 +118,7 @@ def run_rerank_benchmarks(settings: RerankBenchSettings, log: Log) -> dict[str, 
         ``goal_met``, and the output comparison.
     """
     from galr.bench import mr_reference
+
     from galr.retrieval.rerank import rerank_i2t, rerank_t2i
 
     elapsed = stopwatch()

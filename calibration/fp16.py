@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from galr import graphs
+
 # op type -> indices of inputs that carry the op's float data (the rest are shapes, scales, indices).
 _FP16_OPS: dict[str, tuple[int, ...] | None] = {
     "Conv": None, "Gemm": None, "MatMul": None, "GRU": (0, 1, 2, 3, 5), "Relu": None, "Sigmoid": None,
@@ -45,7 +47,8 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
 
 
 def convert_to_fp16(model: onnx.ModelProto, options: Fp16Options = Fp16Options()) -> onnx.ModelProto:
-    """Return a copy of an FP32 model with the compute ops in FP16 and FP32 inputs/outputs."""
+    """Return a copy of an FP32 model with the compute ops in FP16 and FP32 inputs/outputs, stamped
+    ``galr.precision = fp16``."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     floats = _float_tensors(model)
@@ -107,5 +110,6 @@ def convert_to_fp16(model: onnx.ModelProto, options: Fp16Options = Fp16Options()
     del graph.node[:]
     graph.node.extend(new_nodes)
     del graph.value_info[:]  # stale float types; checkers and runtimes re-infer them
+    graphs.stamp_metadata(model, {graphs.META_PRECISION: "fp16"})
     onnx.checker.check_model(model)
     return model

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 import numpy as np
 
 from galr import graphs
+from galr.errors import InputError
 from galr.retrieval.evaluate import SplitInputs
 
 if TYPE_CHECKING:
-    from galr.preprocess.drea import DREAConfig
-    from galr.preprocess.image import ImagePreprocessConfig
+    from galr.preprocess.spec import PreprocessSpec
     from galr.preprocess.text import Tokenizer
 
 Feeds = dict[str, np.ndarray]
@@ -80,7 +80,7 @@ class FeedReader:
         merge ranges and histograms across calls.
         """
         if batches < 1:
-            raise ValueError(f"batches per chunk must be at least 1, got {batches}")
+            raise InputError(f"batches per chunk must be at least 1, got {batches}")
         chunk: list[Feeds] = []
         for feeds in self._feeds:
             if chunk and (len(chunk) == batches or _shapes(feeds) != _shapes(chunk[0])):
@@ -102,7 +102,7 @@ def choose_images(count: int, max_images: int, seed: int = 0) -> np.ndarray:
         ValueError: ``max_images`` is not positive.
     """
     if max_images < 1:
-        raise ValueError(f"max_images must be at least 1, got {max_images}")
+        raise InputError(f"max_images must be at least 1, got {max_images}")
     if count <= max_images:
         return np.arange(count)
     return np.sort(np.random.default_rng(seed).choice(count, size=max_images, replace=False))
@@ -122,9 +122,8 @@ def select_calibration_inputs(inputs: SplitInputs, max_images: int, seed: int = 
     return subset_inputs(inputs, choose_images(len(inputs.image_names), max_images, seed))
 
 
-def load_calibration_inputs(dataset: str | Path, split: str, max_images: int, seed: int = 0,
-                            image_config: "ImagePreprocessConfig | None" = None,
-                            drea_config: "DREAConfig | None" = None) -> SplitInputs:
+def load_calibration_inputs(dataset: str | Path, split: str, max_images: int, spec: "PreprocessSpec",
+                            seed: int = 0) -> SplitInputs:
     """Read a seeded choice of at most ``max_images`` images of a dataset split, with detections and captions.
 
     Only the chosen images are decoded. The dataset is in the original layout (see :mod:`galr.data`).
@@ -133,9 +132,8 @@ def load_calibration_inputs(dataset: str | Path, split: str, max_images: int, se
         dataset: dataset root.
         split: split name (calibrate on a training split, never on the one the gates score).
         max_images: upper bound on the number of images.
+        spec: the model's preprocessing (images and their DREA inputs).
         seed: seed of the choice.
-        image_config: image preprocessing (the checkpoint's); defaults when ``None``.
-        drea_config: DREA settings (the checkpoint's); defaults when ``None``.
 
     Returns:
         The chosen images, their DREA matrices and captions.
@@ -150,9 +148,9 @@ def load_calibration_inputs(dataset: str | Path, split: str, max_images: int, se
     paths = DatasetPaths.find(dataset)
     full = load_split(dataset, split, image_dir=paths.images)
     if not len(full.image_names):
-        raise ValueError(f"split {split!r} of {dataset} has no images to calibrate on")
+        raise InputError(f"split {split!r} of {dataset} has no images to calibrate on")
     chosen = full.subset(choose_images(len(full.image_names), max_images, seed).tolist())
-    return load_split_inputs(chosen, image_config, drea_config, detections_dir=paths.detections)
+    return load_split_inputs(chosen, spec, detections_dir=paths.detections)
 
 
 def calibration_set_hash(inputs: SplitInputs, method: str) -> str:
@@ -184,15 +182,19 @@ def calibration_set_hash(inputs: SplitInputs, method: str) -> str:
 
 def _batches(count: int, batch_size: int) -> list[slice]:
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise InputError(f"batch_size must be at least 1, got {batch_size}")
     return [slice(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
 
 
-def run_graph(graph: bytes, reader: FeedReader, output: str) -> np.ndarray:
-    """Run an ONNX graph on ONNX Runtime's CPU provider over every batch of a reader; concatenated ``output``."""
+def run_graph(graph: bytes, reader: FeedReader, output: str | None = None) -> np.ndarray:
+    """Run an ONNX graph on ONNX Runtime's CPU provider over every batch of a reader.
+
+    Returns ``output`` (default: the graph's first output) of every batch, concatenated.
+    """
     import onnxruntime as ort
 
     session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    output = output or session.get_outputs()[0].name
     return np.concatenate([session.run([output], feeds)[0] for feeds in reader])
 
 
@@ -216,10 +218,10 @@ def graph_readers(inputs: SplitInputs, fp32_graphs: Mapping[str, bytes], batch_s
     """
     unknown = sorted(set(names) - set(graphs.GRAPH_NAMES))
     if unknown:
-        raise ValueError(f"unknown graph names {unknown}; expected some of {list(graphs.GRAPH_NAMES)}")
+        raise InputError(f"unknown graph names {unknown}; expected some of {list(graphs.GRAPH_NAMES)}")
     count = len(inputs.image_names)
     if count == 0:
-        raise ValueError("no calibration images: the calibration set is empty")
+        raise InputError("no calibration images: the calibration set is empty")
     image_batches = _batches(count, batch_size)
     readers: dict[str, FeedReader] = {
         graphs.GLOBAL: FeedReader([{graphs.IMAGE: inputs.images[s]} for s in image_batches]),
@@ -234,7 +236,7 @@ def graph_readers(inputs: SplitInputs, fp32_graphs: Mapping[str, bytes], batch_s
                                              for s in image_batches])
     if graphs.TEXT in names:
         if tokenizer is None:
-            raise ValueError("the text graph's calibration reader needs the model's tokenizer")
+            raise InputError("the text graph's calibration reader needs the model's tokenizer")
         captions = list(inputs.captions)
         readers[graphs.TEXT] = FeedReader([{graphs.TOKENS: tokenizer.encode_batch(captions[s], warn=False).tokens}
                                            for s in _batches(len(captions), batch_size)])

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from galr import paths
-
-EXIT_USAGE = 2  # bad input: missing file, wrong vocabulary, corrupt bundle
-EXIT_GATE = 3  # a parity or accuracy gate failed; nothing was written
-EXIT_UNAVAILABLE = 4  # TensorRT/GPU explicitly requested but missing
+from galr.console import GalrCommand
+from galr.errors import NotFoundError
 
 
 def _format_report(report) -> str:
@@ -37,7 +34,7 @@ def _format_report(report) -> str:
     return "\n".join(lines)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("galr-export", cls=GalrCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=paths.DEFAULT_CHECKPOINT, show_default=True,
               help="galr checkpoint, or an authors' .pth.tar (then also --vocab).")
 @click.option("--vocab", type=click.Path(path_type=Path), default=None, help="Vocabulary JSON of an authors' checkpoint.")
@@ -52,7 +49,8 @@ def _format_report(report) -> str:
 @click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="percentile", show_default=True)
 @click.option("--calibration-images", type=int, default=128, show_default=True)
 @click.option("--gate-images", type=int, default=0, show_default=True, help="Images for the mR gates (0 = whole split).")
-@click.option("--max-text-length", type=int, default=64, show_default=True, help="Longest query, in tokens.")
+@click.option("--max-text-length", type=click.IntRange(min=1), default=None,
+              help="Longest query, in tokens  [default: the checkpoint's]")
 @click.option("--tensorrt", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Build TensorRT engines: auto = when TensorRT and a GPU are present; yes = fail otherwise.")
 def main(checkpoint, vocab, output, fp16, int8, dataset, split, calibration_split, calibration_method,
@@ -62,41 +60,27 @@ def main(checkpoint, vocab, output, fp16, int8, dataset, split, calibration_spli
     With no arguments it exports the demo model made by `galr-demo`; `galr-export --fp16` adds
     FP16 graphs. Every graph is checked against PyTorch before anything is written.
     """
-    from galr.export.engines import EngineBuildUnavailable
-    from galr.export.parity import ParityError
     from galr.export.pipeline import ExportSettings, export_bundle
-    from galr.model import CheckpointError
-    from galr.runtime.bundle import BundleError
 
     if not checkpoint.is_file():
         hint = "run `galr-demo` first to train the demo model, or " if checkpoint == paths.DEFAULT_CHECKPOINT else ""
-        raise click.UsageError(f"no checkpoint at {checkpoint}: {hint}pass --checkpoint PATH")
+        raise NotFoundError(f"no checkpoint at {checkpoint}: {hint}pass --checkpoint PATH")
     if dataset is None and paths.DEFAULT_BENCHMARK.is_dir() and checkpoint == paths.DEFAULT_CHECKPOINT:
         dataset = paths.DEFAULT_BENCHMARK
     if dataset is not None and not dataset.is_dir():
-        raise click.UsageError(f"dataset folder not found: {dataset}")
+        raise NotFoundError(f"dataset folder not found: {dataset}")
     settings = ExportSettings(checkpoint=checkpoint, output=output, vocab=vocab, fp16=fp16, int8=int8, dataset=dataset,
                               split=split, calibration_split=calibration_split, calibration_method=calibration_method,
                               calibration_images=calibration_images, gate_images=gate_images,
                               max_text_length=max_text_length, tensorrt=tensorrt)
     log = lambda message: click.echo(f"[galr-export] {message}", err=True)  # noqa: E731
-    try:
-        report = export_bundle(settings, log=log)
-    except ParityError as exc:
-        click.echo(f"galr-export: {exc}", err=True)
-        sys.exit(EXIT_GATE)
-    except EngineBuildUnavailable as exc:
-        click.echo(f"galr-export: TensorRT was requested but cannot run here: {exc}", err=True)
-        sys.exit(EXIT_UNAVAILABLE)
-    except (CheckpointError, BundleError, FileNotFoundError, ValueError) as exc:
-        click.echo(f"galr-export: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+    report = export_bundle(settings, log=log)
     click.echo(_format_report(report))
     click.echo(f"\nwrote {output}. Next: galr-index IMAGES --engine {output} -o {paths.DEFAULT_INDEX}   then   "
                f"galr-run {paths.DEFAULT_QUERIES} --engine {output}")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("galr-build", cls=GalrCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", type=click.Path(path_type=Path), default=paths.DEFAULT_BUNDLE)
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
               help="Precisions to build (default: every precision in the bundle).")
@@ -106,19 +90,13 @@ def main(checkpoint, vocab, output, fp16, int8, dataset, split, calibration_spli
 def build_main(bundle, precisions, max_batch, workspace_gb, timing_cache) -> None:
     """Compile BUNDLE's ONNX graphs into TensorRT engines for this GPU and store them in the bundle."""
     from galr.export.engines import EngineBuildUnavailable, build_bundle_engines
-    from galr.export.tensorrt import TensorRTBuildError
-    from galr.runtime.bundle import BundleError
 
     log = lambda message: click.echo(f"[galr-build] {message}", err=True)  # noqa: E731
     try:
         entries = build_bundle_engines(bundle, list(precisions) or None, max_batch=max_batch,
                                        workspace_bytes=int(workspace_gb * (1 << 30)), timing_cache=timing_cache, log=log)
     except EngineBuildUnavailable as exc:
-        click.echo(f"galr-build: cannot build TensorRT engines here: {exc}. The bundle is unchanged and still "
-                   "serves with ONNX Runtime.", err=True)
-        sys.exit(EXIT_UNAVAILABLE)
-    except (BundleError, TensorRTBuildError, ImportError) as exc:
-        click.echo(f"galr-build: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+        raise EngineBuildUnavailable(f"cannot build TensorRT engines here: {exc}. The bundle is unchanged and still "
+                                     "serves with ONNX Runtime.") from None
     for entry in entries:
-        click.echo(f"built {entry['key_string']} on {entry['gpu']}")
+        click.echo(f"built {entry.key_string} on {entry.gpu}")

@@ -1,31 +1,34 @@
 """``galr-build``: compile a bundle's ONNX graphs into TensorRT engines for the local GPU.
 
 Engines are stored inside the bundle under ``engines/<key>/`` where the key names the GPU
-architecture, the TensorRT version, the precision and the hash of the ONNX graphs, so a bundle
-can carry engines for several machines and the runtime picks the one that fits (or refuses
-with the rebuild command). Nothing here has been executed on a GPU in this project's CI.
+architecture, the TensorRT version, the precision and the hash of the graphs they were built from
+(:class:`~galr.bundle.EngineKey`), so a bundle can carry engines for several machines and the
+runtime picks the one that fits (or refuses with the rebuild command). Nothing here has been
+executed on a GPU in this project's CI.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 from pathlib import Path
-from typing import Any, Callable
+from types import ModuleType
+from typing import Callable
+
+from galr.runtime.backends.device import GpuInfo, probe_gpu, probe_tensorrt
 
 from galr import graphs
-from galr.config import GaLRConfig
-from galr.runtime.backends.device import probe_gpu, probe_tensorrt
-from galr.runtime.backends.tensorrt import EngineKey
-from galr.runtime.bundle import engine_member, read_bundle, sha256_bytes, update_bundle
+from galr.bundle import (
+    EngineEntry,
+    engine_key,
+    engine_member,
+    read_bundle,
+    update_bundle,
+    utc_now,
+)
+from galr.errors import UnavailableError
 
 
-class EngineBuildUnavailable(RuntimeError):
+class EngineBuildUnavailable(UnavailableError):
     """TensorRT or a GPU is missing, so no engine can be built on this machine."""
-
-
-def precision_hash(bundle, precision: str) -> str:
-    """One hash over the four ONNX graphs of a precision (the engine key's ONNX identity)."""
-    return sha256_bytes(b"".join(bundle.onnx_bytes(name, precision) for name in graphs.GRAPH_NAMES))
 
 
 def check_engine_build_possible() -> None:
@@ -38,8 +41,19 @@ def check_engine_build_possible() -> None:
 
 def build_bundle_engines(bundle_path: Path, precisions: list[str] | None = None, max_batch: int = 32,
                          workspace_bytes: int = 2 << 30, timing_cache: Path | None = None,
-                         log: Callable[[str], None] = print, trt=None) -> list[dict[str, Any]]:
+                         log: Callable[[str], None] = print, trt: ModuleType | None = None,
+                         gpu_probe: Callable[[], GpuInfo | None] = probe_gpu) -> list[EngineEntry]:
     """Build engines for ``precisions`` (default: every precision in the bundle) and store them.
+
+    Args:
+        bundle_path: the bundle, rewritten atomically with the new engine sets.
+        precisions: precisions to build.
+        max_batch: largest batch of the optimisation profiles.
+        workspace_bytes: TensorRT builder workspace.
+        timing_cache: TensorRT timing cache file (per GPU and TensorRT version).
+        log: progress messages.
+        trt: the ``tensorrt`` module (tests inject a fake); imported when ``None``.
+        gpu_probe: returns the visible GPU (tests inject one).
 
     Raises:
         EngineBuildUnavailable: TensorRT is not importable or no GPU is visible.
@@ -49,33 +63,34 @@ def build_bundle_engines(bundle_path: Path, precisions: list[str] | None = None,
 
     if trt is None:
         check_engine_build_possible()
-    gpu = probe_gpu()
+    gpu = gpu_probe()
     if gpu is None:
         raise EngineBuildUnavailable("no CUDA GPU is visible")
     trt_version = str(trt.__version__) if trt is not None else probe_tensorrt().version
     bundle = read_bundle(bundle_path)
-    config = GaLRConfig.from_dict(bundle.manifest["model"])
-    max_text = int(bundle.manifest.get("tokenizer", {}).get("max_length", 64))
+    max_text = bundle.spec.max_text_length
     entries, members = [], {}
     for precision in precisions or bundle.precisions:
-        key = EngineKey(gpu.compute_capability, trt_version, precision, precision_hash(bundle, precision))
-        entry: dict[str, Any] = {"key": key.to_dict(), "key_string": key.as_string(), "gpu": gpu.name,
-                                 "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                                 "members": {}, "profiles": {}}
+        key = engine_key(bundle, precision, gpu.compute_capability, trt_version)
+        plan_members, profiles = {}, {}
         for name in graphs.GRAPH_NAMES:
-            profiles = default_profiles(name, config, max_batch=max_batch, max_text_length=max_text)
-            build = TensorRTBuildConfig(precision=precision, workspace_bytes=workspace_bytes, profiles=profiles,
+            build = TensorRTBuildConfig(precision=precision, workspace_bytes=workspace_bytes,
+                                        profiles=default_profiles(name, bundle.config, max_text, max_batch=max_batch),
                                         timing_cache=str(timing_cache) if timing_cache else None)
             log(f"building TensorRT {precision} engine for the {name} graph on {gpu.name} ({key.as_string()})")
             plan = build_engine(bundle.onnx_bytes(name, precision), build, trt, source_precision=precision,
                                 gpu_probe=lambda: gpu)
             member = engine_member(key.as_string(), name)
             members[member] = plan
-            entry["members"][name] = member
-            entry["profiles"][name] = build.to_dict()["profiles"]
-        entries.append(entry)
-    kept = [e for e in bundle.engines() if e["key_string"] not in {n["key_string"] for n in entries}]
-    dropped = [m for e in bundle.engines() if e not in kept for m in e["members"].values()]
-    update_bundle(bundle, {"engines": kept + entries}, members, drop_members=dropped)
+            plan_members[name] = member
+            profiles[name] = build.to_dict()["profiles"]
+        entries.append(EngineEntry(key, gpu.name, utc_now(), plan_members, profiles))
+    built = {entry.key_string for entry in entries}
+    kept = [entry for entry in bundle.engine_entries if entry.key_string not in built]
+    dropped = [m for entry in bundle.engine_entries if entry.key_string in built for m in entry.members.values()]
+    update_bundle(bundle, {"engines": [entry.to_dict() for entry in kept + entries]}, members, drop_members=dropped)
     log(f"stored {len(entries)} engine set(s) in {bundle_path}")
     return entries
+
+
+__all__ = ["EngineBuildUnavailable", "build_bundle_engines", "check_engine_build_possible"]

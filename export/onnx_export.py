@@ -16,6 +16,7 @@ from torch import nn
 
 import galr
 from galr import graphs
+from galr.errors import InputError
 from galr.model import GaLR
 
 DEFAULT_OPSET = 17
@@ -110,7 +111,7 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 def export_graph(model: GaLR, name: str, options: ExportOptions = ExportOptions()) -> onnx.ModelProto:
     """Export one of the four graphs of ``model`` (in eval mode) to an ONNX model proto."""
     if options.opset < 17:
-        raise ValueError(f"opset {options.opset} is too old: GaLR export needs opset >= 17")
+        raise InputError(f"opset {options.opset} is too old: GaLR export needs opset >= 17")
     spec = graphs.graph_io(model.config)[name]
     wrapper = _WRAPPERS[name](model).eval()
     feeds = example_inputs(model.config)[name]
@@ -127,20 +128,11 @@ def export_graph(model: GaLR, name: str, options: ExportOptions = ExportOptions(
     if options.simplify:
         proto = _simplify(proto)
     proto.producer_name, proto.producer_version = "galr", galr.__version__
-    stamp_metadata(proto, {"galr.graph": name, "galr.embed_dim": str(model.config.embed_dim),
-                           "galr.precision": "fp32", "galr.l2_normalised": str(name in (graphs.FUSION, graphs.TEXT))})
+    graphs.stamp_metadata(proto, {graphs.META_GRAPH: name, "galr.embed_dim": str(model.config.embed_dim),
+                                  graphs.META_PRECISION: "fp32",
+                                  "galr.l2_normalised": str(name in (graphs.FUSION, graphs.TEXT))})
     onnx.checker.check_model(proto, full_check=True)
     return proto
-
-
-def stamp_metadata(proto: onnx.ModelProto, values: dict[str, str]) -> None:
-    """Set ``metadata_props`` so a stray .onnx file still says what it is (the manifest rules)."""
-    existing = {p.key: p for p in proto.metadata_props}
-    for key, value in values.items():
-        if key in existing:
-            existing[key].value = value
-        else:
-            proto.metadata_props.add(key=key, value=value)
 
 
 def export_all(model: GaLR, options: ExportOptions = ExportOptions()) -> dict[str, onnx.ModelProto]:

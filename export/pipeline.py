@@ -1,33 +1,42 @@
 """``galr-export``: checkpoint -> ONNX graphs per precision -> gated, self-describing ``galr.plan``.
 
-Order of work (each step must pass before the bundle replaces any existing file):
+Order of work (each step must pass before anything is written):
 
-1. load the checkpoint (galr's own, or the authors' with ``--vocab``);
-2. export the four FP32 graphs and check each, and the chain end to end, against PyTorch on real
-   inputs (ONNX Runtime FP32: cosine >= 0.99999, max abs error <= 1e-4);
-3. derive FP16 (precision in the graph) and INT8 (explicit Q/DQ) graphs when asked, and gate them
-   against FP32 (cosine, and benchmark mR when a dataset is available);
-4. write the bundle atomically, then build TensorRT engines into it when TensorRT and a GPU exist.
+1. load the checkpoint (galr's own, or the authors' with ``--vocab``) and its preprocessing spec;
+2. export the four FP32 graphs; derive FP16 (precision in the graph) and INT8 (explicit Q/DQ) graphs
+   when asked;
+3. assemble the bundle **in memory** and serve it through the runtime exactly as a user would:
+   each FP32 graph, and the image chain end to end, against PyTorch on real inputs (ONNX Runtime
+   FP32: cosine >= 0.99999, max abs error <= 1e-4), then every precision's retrieval scores, FP16
+   and INT8 gated against FP32 (cosine, and mR when a dataset is available);
+4. add the reports to the manifest and write the bundle **once**, atomically, then build TensorRT
+   engines into it when TensorRT and a GPU exist.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import os
 import platform
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from galr.export.onnx_export import ExportOptions, export_all
 
 import galr
 from galr import graphs
-from galr.export.onnx_export import ExportOptions, export_all, stamp_metadata
-from galr.export.parity import FP16_GATE, FP32_GATE, INT8_GATE, ParityError, compare
-from galr.runtime.bundle import onnx_member, read_bundle, sha256_bytes, write_bundle
+from galr.bundle import (
+    Bundle,
+    build_bundle,
+    model_hash,
+    onnx_member,
+    utc_now,
+    write_bundle,
+)
+from galr.container import sha256_bytes
+from galr.errors import InputError
+from galr.retrieval.parity import FP16_GATE, FP32_GATE, INT8_GATE, ParityError, compare
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,8 @@ class ExportSettings:
         gate_images: images (x5 captions) for the mR gates; ``0`` = the whole split.
         max_mr_drop_fp16: fail if FP16 mR is lower than FP32 by more than this.
         max_mr_drop_int8: fail if INT8 mR is lower than FP32 by more than this.
-        max_text_length: longest query in tokens (also the TensorRT text profile).
+        max_text_length: longest query in tokens (also the TensorRT text profile); ``None`` keeps the
+            checkpoint's.
         tensorrt: ``"auto"`` (build engines when TensorRT and a GPU exist), ``"yes"`` (fail when they do
             not), ``"no"``.
         opset: ONNX opset.
@@ -71,7 +81,7 @@ class ExportSettings:
     gate_images: int = 0
     max_mr_drop_fp16: float = 0.5
     max_mr_drop_int8: float = 1.0
-    max_text_length: int = 64
+    max_text_length: int | None = None
     tensorrt: str = "auto"
     opset: int = 17
 
@@ -89,7 +99,7 @@ class ExportReport:
     inputs: str = ""
 
 
-def _parity_inputs(settings: ExportSettings, loaded, log) -> tuple[Any, str]:
+def _parity_inputs(settings: ExportSettings, loaded, spec, log) -> tuple[Any, str]:
     """Real inputs from the dataset when there is one, else random but well-formed inputs."""
     from galr.retrieval.evaluate import SplitInputs, load_split_inputs
 
@@ -98,9 +108,8 @@ def _parity_inputs(settings: ExportSettings, loaded, log) -> tuple[Any, str]:
         from galr.data import DatasetPaths, load_split
         paths = DatasetPaths.find(settings.dataset)
         split = load_split(settings.dataset, settings.split, image_dir=paths.images)
-        image_config, drea_config = loaded.image_config(), loaded.drea_config()
         log(f"reading {settings.split} split of {settings.dataset} ({len(split.image_names)} images)")
-        inputs = load_split_inputs(split, image_config, drea_config, detections_dir=paths.detections, progress=True)
+        inputs = load_split_inputs(split, spec, detections_dir=paths.detections, progress=True)
         return inputs, f"{settings.dataset} [{settings.split}]"
     rng = np.random.default_rng(0)
     n, s = settings.parity_images, config.image_size
@@ -112,35 +121,30 @@ def _parity_inputs(settings: ExportSettings, loaded, log) -> tuple[Any, str]:
     return inputs, "random images and DREA matrices, captions of random vocabulary words"
 
 
-def _check_fp32_graphs(model, graphs_fp32: dict[str, bytes], inputs, tokenizer, count: int) -> dict[str, dict]:
-    """Each graph on ONNX Runtime against the same PyTorch stage, then the whole chain."""
+def _check_fp32_graphs(model, encoders, inputs, count: int) -> dict[str, dict]:
+    """Each FP32 graph, as the runtime serves it, against the same PyTorch stage; then the whole chain."""
     import torch
 
-    from galr.runtime.backends.onnxruntime import OnnxRuntimeRunner
-
     sub = inputs.subset(min(count, len(inputs.image_names)))
-    tokens = tokenizer.encode_batch(list(sub.captions), warn=False).tokens
+    tokens = encoders.tokenizer.encode_batch(list(sub.captions), warn=False).tokens
     t = torch.from_numpy
     with torch.no_grad():
         ref_global = model.encode_global(t(sub.images)).numpy()
         ref_local = model.encode_local(t(sub.local_rep), t(sub.local_adj)).numpy()
         ref_fused = model.fuse(t(ref_global), t(ref_local)).numpy()
         ref_text = model.encode_text(t(tokens)).numpy()
-    runners = {name: OnnxRuntimeRunner(data) for name, data in graphs_fp32.items()}
-    out = {name: runner.activate() for name, runner in runners.items()}
-    onnx_global = out[graphs.GLOBAL].infer({graphs.IMAGE: sub.images})[graphs.GLOBAL_FEATURE]
-    onnx_local = out[graphs.LOCAL].infer({graphs.LOCAL_REP: sub.local_rep, graphs.LOCAL_ADJ: sub.local_adj})[graphs.LOCAL_FEATURE]
+    run = {name: runner.infer for name, runner in encoders.runners.items()}
+    onnx_global = run[graphs.GLOBAL]({graphs.IMAGE: sub.images})[graphs.GLOBAL_FEATURE]
+    onnx_local = run[graphs.LOCAL]({graphs.LOCAL_REP: sub.local_rep, graphs.LOCAL_ADJ: sub.local_adj})[graphs.LOCAL_FEATURE]
     # Per graph: each fed the *reference* inputs, so one graph's error does not hide in another's.
-    onnx_fused = out[graphs.FUSION].infer({graphs.GLOBAL_FEATURE: ref_global, graphs.LOCAL_FEATURE: ref_local})[graphs.IMAGE_EMBEDDING]
-    onnx_text = out[graphs.TEXT].infer({graphs.TOKENS: tokens})[graphs.TEXT_EMBEDDING]
-    chained = out[graphs.FUSION].infer({graphs.GLOBAL_FEATURE: onnx_global, graphs.LOCAL_FEATURE: onnx_local})[graphs.IMAGE_EMBEDDING]
+    onnx_fused = run[graphs.FUSION]({graphs.GLOBAL_FEATURE: ref_global, graphs.LOCAL_FEATURE: ref_local})[graphs.IMAGE_EMBEDDING]
+    onnx_text = run[graphs.TEXT]({graphs.TOKENS: tokens})[graphs.TEXT_EMBEDDING]
+    chained = run[graphs.FUSION]({graphs.GLOBAL_FEATURE: onnx_global, graphs.LOCAL_FEATURE: onnx_local})[graphs.IMAGE_EMBEDDING]
     results = {
         graphs.GLOBAL: compare(ref_global, onnx_global), graphs.LOCAL: compare(ref_local, onnx_local),
         graphs.FUSION: compare(ref_fused, onnx_fused), graphs.TEXT: compare(ref_text, onnx_text),
         "image end-to-end": compare(ref_fused, chained),
     }
-    for runner in runners.values():
-        runner.close()
     for label, stats in results.items():
         FP32_GATE.check(stats, f"ONNX Runtime FP32 vs PyTorch, {label}")
     return {label: stats.to_dict() for label, stats in results.items()}
@@ -156,25 +160,18 @@ def _toolchain() -> dict[str, str]:
     return versions
 
 
-def build_manifest(loaded, checkpoint: Path, graph_bytes: dict[str, dict[str, bytes]], settings: ExportSettings,
+def build_manifest(loaded, spec, checkpoint: Path, graph_bytes: dict[str, dict[str, bytes]], settings: ExportSettings,
                    report: ExportReport) -> dict[str, Any]:
     """The manifest: everything the runtime needs besides the graphs, and where they came from."""
-    from galr.preprocess.text import PAD_ID, PUNCTUATION
-
     config = loaded.model.config
-    fp32 = graph_bytes["fp32"]
     io = graphs.graph_io(config)
     return {
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now(),
         "model": config.to_dict(),
-        "model_hash": sha256_bytes(b"".join(fp32[name] for name in graphs.GRAPH_NAMES)),
+        "model_hash": model_hash(graph_bytes["fp32"]),
         "embedding": {"dim": config.embed_dim, "l2_normalised": True, "similarity": "dot product = cosine"},
         "vocab": loaded.vocab.to_json_dict(),
-        "tokenizer": {"lowercase": True, "sentence_split": "punkt (untrained parameters)", "word_tokenizer": "NLTKWordTokenizer",
-                      "punctuation_removed": list(PUNCTUATION), "unk_id": loaded.vocab.unk_id, "pad_id": PAD_ID,
-                      "max_length": settings.max_text_length, "truncation": "keep the first max_length tokens"},
-        "preprocess": loaded.image_config().to_dict(),
-        "drea": loaded.drea_config().to_dict(),
+        **spec.to_dict(),
         "graphs": {name: {"inputs": [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in spec.inputs],
                           "outputs": [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in spec.outputs]}
                    for name, spec in io.items()},
@@ -187,9 +184,13 @@ def build_manifest(loaded, checkpoint: Path, graph_bytes: dict[str, dict[str, by
         "toolchain": _toolchain(),
         "provenance": {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_bytes(checkpoint.read_bytes()),
                        "checkpoint_format": loaded.source_format, "checkpoint_metadata": _plain(loaded.metadata)},
-        "reports": {"inputs": report.inputs, "parity": report.parity, "accuracy": report.accuracy,
-                    "calibration": report.calibration},
+        "reports": _reports(report),
     }
+
+
+def _reports(report: ExportReport) -> dict[str, Any]:
+    return {"inputs": report.inputs, "parity": report.parity, "accuracy": report.accuracy,
+            "calibration": report.calibration}
 
 
 def _plain(value: Any) -> Any:
@@ -203,22 +204,23 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _accuracy_gates(staging: Path, inputs, precisions: list[str], settings: ExportSettings, report: ExportReport,
+def _accuracy_gates(bundle: Bundle, inputs, precisions: list[str], settings: ExportSettings, report: ExportReport,
                     log) -> None:
     """Evaluate every precision through the runtime exactly as it will serve, and gate FP16/INT8."""
+    from galr.runtime.encoders import load_engine
+
     from galr.config import RerankConfig
     from galr.retrieval.evaluate import evaluate_encoder
-    from galr.runtime.encoders import load_engine
 
     if settings.gate_images:
         inputs = inputs.subset(min(settings.gate_images, len(inputs.image_names)))
     results = {}
     for precision in precisions:
         log(f"scoring {precision} graphs on {len(inputs.image_names)} images / {len(inputs.captions)} captions")
-        with load_engine(staging, backend="onnxruntime", device="cpu", precision=precision) as engine:
+        with load_engine(bundle, backend="onnxruntime", device="cpu", precision=precision) as encoders:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                results[precision] = evaluate_encoder(engine, inputs, RerankConfig())
+                results[precision] = evaluate_encoder(encoders, inputs, RerankConfig())
     base = results["fp32"]
     for precision, result in results.items():
         entry: dict[str, Any] = {"metrics": result.metrics.to_dict(), "metrics_rerank": result.metrics_rerank.to_dict()}
@@ -240,9 +242,11 @@ def export_bundle(settings: ExportSettings, log: Callable[[str], None] = print) 
 
     Raises:
         ParityError: a gate failed (nothing was written; an existing bundle is untouched).
-        CheckpointError, BundleError, FileNotFoundError: bad inputs.
+        CheckpointError, BundleError, NotFoundError: bad inputs.
     """
     from galr.calibration.fp16 import convert_to_fp16
+    from galr.runtime.encoders import load_engine
+
     from galr.model import load_checkpoint
 
     report = ExportReport(settings.output)
@@ -251,56 +255,37 @@ def export_bundle(settings: ExportSettings, log: Callable[[str], None] = print) 
 
         check_engine_build_possible()
     loaded = load_checkpoint(settings.checkpoint, vocab=settings.vocab)
-    from galr.preprocess.text import Tokenizer
-
-    tokenizer = Tokenizer(loaded.vocab, max_length=settings.max_text_length)
-    inputs, report.inputs = _parity_inputs(settings, loaded, log)
+    spec = loaded.spec.with_max_text_length(settings.max_text_length)
+    inputs, report.inputs = _parity_inputs(settings, loaded, spec, log)
 
     log(f"exporting 4 graphs (opset {settings.opset})")
     protos = export_all(loaded.model, ExportOptions(opset=settings.opset))
     graph_bytes: dict[str, dict[str, bytes]] = {"fp32": {n: p.SerializeToString() for n, p in protos.items()}}
-    report.parity["fp32"] = _check_fp32_graphs(loaded.model, graph_bytes["fp32"], inputs, tokenizer, settings.parity_images)
-    log("ONNX Runtime FP32 matches PyTorch on every graph")
-
     if settings.fp16:
-        converted = {}
-        for name, proto in protos.items():
-            half = convert_to_fp16(proto)
-            stamp_metadata(half, {"galr.precision": "fp16"})
-            converted[name] = half.SerializeToString()
-        graph_bytes["fp16"] = converted
+        graph_bytes["fp16"] = {name: convert_to_fp16(proto).SerializeToString() for name, proto in protos.items()}
     if settings.int8:
         if settings.dataset is None:
-            raise ValueError("INT8 needs calibration data: pass --dataset (images with detections and captions)")
+            raise InputError("INT8 needs calibration data: pass --dataset (images with detections and captions)")
         from galr.calibration.int8 import CalibrationSettings, quantize_bundle_graphs
 
         log(f"calibrating INT8 ({settings.calibration_method}) on the {settings.calibration_split} split")
-        int8_graphs, report.calibration = quantize_bundle_graphs(
-            graph_bytes["fp32"], loaded,
+        graph_bytes["int8"], report.calibration = quantize_bundle_graphs(
+            graph_bytes["fp32"], loaded.vocab, spec,
             CalibrationSettings(dataset=settings.dataset, split=settings.calibration_split,
                                 method=settings.calibration_method, max_images=settings.calibration_images,
                                 evaluation_split=settings.split),
             log=log)
-        graph_bytes["int8"] = int8_graphs
 
     members = {onnx_member(p, n): data for p, graphs_ in graph_bytes.items() for n, data in graphs_.items()}
-    output = settings.output
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging_name = tempfile.mkstemp(prefix=output.name + ".", suffix=".staging", dir=output.parent)
-    os.close(handle)
-    staging = Path(staging_name)
-    try:
-        write_bundle(staging, build_manifest(loaded, settings.checkpoint, graph_bytes, settings, report), members)
-        _accuracy_gates(staging, inputs, list(graph_bytes), settings, report, log)
-        manifest = dict(read_bundle(staging).manifest)
-        manifest.pop("members")
-        manifest["reports"] = {"inputs": report.inputs, "parity": report.parity, "accuracy": report.accuracy,
-                               "calibration": report.calibration}
-        write_bundle(staging, manifest, members)
-        os.replace(staging, output)
-    finally:
-        staging.unlink(missing_ok=True)
-    log(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB; precisions {', '.join(graph_bytes)})")
+    manifest = build_manifest(loaded, spec, settings.checkpoint, graph_bytes, settings, report)
+    bundle = build_bundle(settings.output, manifest, members)
+    with load_engine(bundle, backend="onnxruntime", device="cpu", precision="fp32") as encoders:
+        report.parity["fp32"] = _check_fp32_graphs(loaded.model, encoders, inputs, settings.parity_images)
+    log("ONNX Runtime FP32 matches PyTorch on every graph")
+    _accuracy_gates(bundle, inputs, list(graph_bytes), settings, report, log)
+    write_bundle(settings.output, {**manifest, "reports": _reports(report)}, members)
+    size = settings.output.stat().st_size
+    log(f"wrote {settings.output} ({size / 1e6:.1f} MB; precisions {', '.join(graph_bytes)})")
     _maybe_build_engines(settings, report, log)
     return report
 
@@ -312,7 +297,7 @@ def _maybe_build_engines(settings: ExportSettings, report: ExportReport, log) ->
     from galr.export.engines import EngineBuildUnavailable, build_bundle_engines
 
     try:
-        report.engines = build_bundle_engines(settings.output, log=log)
+        report.engines = [entry.to_dict() for entry in build_bundle_engines(settings.output, log=log)]
     except EngineBuildUnavailable as exc:
         if settings.tensorrt == "yes":
             raise

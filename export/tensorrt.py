@@ -8,9 +8,7 @@ only an FP32 graph built as FP16 takes the legacy ``BuilderFlag.FP16`` path ther
 
 The ``tensorrt`` module is a parameter of :func:`build_engine` so the whole build logic is tested with a
 fake; a real build needs an NVIDIA GPU, and no ``Builder`` is constructed unless one is visible.
-
-Engine keys (:class:`EngineKey`, :func:`check_engine_compatible`) live in the runtime, which must check
-them without importing ``export/``; they are re-exported here for the build side.
+Nothing here has been executed with a real TensorRT in this project.
 """
 
 from __future__ import annotations
@@ -21,20 +19,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Mapping, Sequence
 
-from galr.atomic import write_bytes_atomically
-from galr.config import GaLRConfig
-from galr.graphs import BATCH_AXIS, GRAPH_NAMES, TEXT_AXIS, graph_io
 from galr.runtime.backends.device import GpuInfo, probe_gpu
-from galr.runtime.backends.tensorrt import (
-    PRECISIONS,
-    EngineKey,
-    EngineMismatchError,
-    check_engine_compatible,
-    current_engine_key,
-    import_tensorrt,
-    onnx_sha256,
-    tensorrt_major,
-)
+from galr.runtime.backends.tensorrt import import_tensorrt, tensorrt_major
+
+from galr.atomic import write_bytes_atomically
+from galr.bundle import PRECISIONS
+from galr.config import GaLRConfig
+from galr.errors import InputError, UnavailableError
+from galr.graphs import BATCH_AXIS, GRAPH_NAMES, TEXT_AXIS, graph_io
 from galr.serialization import fields_from_dict
 
 LOG = logging.getLogger(__name__)
@@ -50,8 +42,8 @@ Shape = tuple[int, ...]
 ProfileShapes = tuple[Shape, Shape, Shape]
 
 
-class TensorRTBuildError(RuntimeError):
-    """An engine could not be built; the message says why and what to change."""
+class TensorRTBuildError(UnavailableError):
+    """An engine cannot be built here; the message says why and what to change."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -60,13 +52,13 @@ class TensorRTBuildError(RuntimeError):
 
 def _normalise_profile(name: str, shapes: Sequence[Sequence[int]]) -> ProfileShapes:
     if len(shapes) != 3:
-        raise ValueError(f"profile for input '{name}' must be (min, opt, max) shapes, got {len(shapes)} entries")
+        raise InputError(f"profile for input '{name}' must be (min, opt, max) shapes, got {len(shapes)} entries")
     low, opt, high = (tuple(int(size) for size in shape) for shape in shapes)
     if not len(low) == len(opt) == len(high):
-        raise ValueError(f"profile for input '{name}': min/opt/max ranks differ: {low}, {opt}, {high}")
+        raise InputError(f"profile for input '{name}': min/opt/max ranks differ: {low}, {opt}, {high}")
     for axis, (a, b, c) in enumerate(zip(low, opt, high)):
         if not 1 <= a <= b <= c:
-            raise ValueError(
+            raise InputError(
                 f"profile for input '{name}' axis {axis} needs 1 <= min <= opt <= max, got {a}, {b}, {c}"
             )
     return low, opt, high
@@ -98,11 +90,11 @@ class TensorRTBuildConfig:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+            raise InputError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.workspace_bytes <= 0:
-            raise ValueError(f"workspace_bytes must be positive, got {self.workspace_bytes}")
+            raise InputError(f"workspace_bytes must be positive, got {self.workspace_bytes}")
         if self.builder_optimization_level is not None and not 0 <= self.builder_optimization_level <= 5:
-            raise ValueError(f"builder_optimization_level must be 0-5, got {self.builder_optimization_level}")
+            raise InputError(f"builder_optimization_level must be 0-5, got {self.builder_optimization_level}")
         profiles = {str(name): _normalise_profile(str(name), shapes) for name, shapes in self.profiles.items()}
         object.__setattr__(self, "profiles", profiles)
 
@@ -124,8 +116,8 @@ class TensorRTBuildConfig:
 def default_profiles(
     graph_name: str,
     config: GaLRConfig,
+    max_text_length: int,
     max_batch: int = 32,
-    max_text_length: int = 64,
     opt_batch: int = 8,
     opt_text_length: int = 32,
 ) -> dict[str, ProfileShapes]:
@@ -137,8 +129,8 @@ def default_profiles(
     Args:
         graph_name: ``"global" | "local" | "fusion" | "text"``.
         config: the model dimensions.
+        max_text_length: longest token sequence: the model's ``PreprocessSpec.max_text_length``.
         max_batch: largest batch the engine accepts; the runtime splits larger batches.
-        max_text_length: longest token sequence (match the tokenizer's ``max_length``).
         opt_batch: batch TensorRT tunes kernels for (clipped to ``max_batch``).
         opt_text_length: token length TensorRT tunes for (clipped to ``max_text_length``).
 
@@ -149,9 +141,9 @@ def default_profiles(
         ValueError: for an unknown graph or non-positive limits.
     """
     if graph_name not in GRAPH_NAMES:
-        raise ValueError(f"unknown graph {graph_name!r}; valid graphs: {list(GRAPH_NAMES)}")
+        raise InputError(f"unknown graph {graph_name!r}; valid graphs: {list(GRAPH_NAMES)}")
     if max_batch < 1 or max_text_length < 1:
-        raise ValueError(f"max_batch and max_text_length must be >= 1, got {max_batch}, {max_text_length}")
+        raise InputError(f"max_batch and max_text_length must be >= 1, got {max_batch}, {max_text_length}")
     ranges = {
         BATCH_AXIS: (1, min(max(opt_batch, 1), max_batch), max_batch),
         TEXT_AXIS: (1, min(max(opt_text_length, 1), max_text_length), max_text_length),
@@ -333,11 +325,6 @@ def _load_timing_cache(build_config: Any, path: Path) -> Any:
     return cache
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and rename, so readers never see half a file."""
-    write_bytes_atomically(path, data)
-
-
 def build_engine(
     onnx_bytes: bytes,
     config: TensorRTBuildConfig,
@@ -369,7 +356,7 @@ def build_engine(
     if source_precision is None:
         source_precision = onnx_precision(onnx_bytes)
     elif source_precision not in PRECISIONS:
-        raise ValueError(f"source_precision must be one of {list(PRECISIONS)}, got {source_precision!r}")
+        raise InputError(f"source_precision must be one of {list(PRECISIONS)}, got {source_precision!r}")
     typing = plan_typing(major, config.precision, source_precision)
     if gpu_probe() is None:
         # Constructing a Builder without CUDA fails opaquely or aborts the process (deployment notes §1.7).
@@ -403,23 +390,17 @@ def build_engine(
         )
     if cache_path is not None:
         updated = build_config.get_timing_cache() or cache
-        write_atomically(cache_path, bytes(updated.serialize()))
+        write_bytes_atomically(cache_path, bytes(updated.serialize()))
     return bytes(plan)
 
 
 __all__ = [
     "DEFAULT_WORKSPACE_BYTES",
-    "EngineKey",
-    "EngineMismatchError",
     "TensorRTBuildConfig",
     "TensorRTBuildError",
     "TypingPlan",
     "build_engine",
-    "check_engine_compatible",
-    "current_engine_key",
     "default_profiles",
     "onnx_precision",
-    "onnx_sha256",
     "plan_typing",
-    "write_atomically",
 ]

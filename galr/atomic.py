@@ -75,3 +75,8 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically."""
     with atomic_output(path) as handle:
         handle.write(data)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) atomically."""
+    write_bytes_atomically(path, text.encode("utf-8"))

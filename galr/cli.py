@@ -2,7 +2,7 @@
 
 Parsing and printing only; the work is done by :mod:`galr.synthetic.benchmark`, :mod:`galr.train`
 and :mod:`galr.torch_encoder`. Bad input (missing dataset, wrong vocabulary, unreadable checkpoint,
-bad option values) ends with a one-line message on stderr and exit code 2, never a traceback.
+bad option values) ends with a one-line message and the exit code of :mod:`galr.errors`' table.
 """
 
 from __future__ import annotations
@@ -10,17 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, NoReturn
+from typing import Any, Callable, Mapping
 
 import click
 
 from galr import paths
+from galr.atomic import write_text_atomically
 from galr.config import RerankConfig
-
-EXIT_INPUT = 2  # bad input: missing dataset/checkpoint, wrong vocabulary, invalid option values
+from galr.console import GalrCommand
+from galr.errors import InputError
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -46,25 +46,6 @@ def _passive_openmp() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def _fail(tool: str, message: str) -> NoReturn:
-    click.echo(f"{tool}: {message}", err=True)
-    sys.exit(EXIT_INPUT)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (all carry a message naming the file or field)."""
-    from galr.synthetic.benchmark import BenchmarkError
-
-    return (ValueError, FileNotFoundError, BenchmarkError)
-
-
-def _run(tool: str, work: Callable[[], Any]) -> Any:
-    try:
-        return work()
-    except _user_errors() as exc:
-        _fail(tool, str(exc))
-
-
 def _given(values: Mapping[str, Any]) -> dict[str, Any]:
     """The options the user actually passed (click gives None for the others)."""
     return {k: v for k, v in values.items() if v is not None}
@@ -85,13 +66,13 @@ def _benchmark_config(difficulty: str, config_file: Path | None, overrides: Mapp
         try:
             values = json.loads(config_file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{config_file}: not a readable JSON BenchmarkConfig ({exc})") from None
+            raise InputError(f"{config_file}: not a readable JSON BenchmarkConfig ({exc})") from None
         values = values.get("config", values)  # a benchmark.json holds the config under "config"
         return BenchmarkConfig.from_dict({**values, **overrides})
     return BenchmarkConfig.preset(difficulty, **overrides)
 
 
-@click.command(context_settings=_CONTEXT)
+@click.command("galr-synth", cls=GalrCommand, context_settings=_CONTEXT)
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=paths.DEFAULT_BENCHMARK, show_default=True,
               help="Benchmark folder (original RSITMD layout).")
 @click.option("--difficulty", type=click.Choice(["easy", "medium", "hard"]), default="medium", show_default=True,
@@ -121,7 +102,7 @@ def synth_main(output: Path, difficulty: str, config_file: Path | None, overwrit
         config = _benchmark_config(difficulty, config_file, _given(fields))
         return generate_benchmark(output, config, progress=not quiet, overwrite=overwrite)
 
-    info = _run("galr-synth", work)
+    info = work()
     state = "reused" if info.cached else f"generated in {info.seconds:.1f}s"
     counts = ", ".join(f"{split} {n}" for split, n in info.images.items())
     click.echo(f"{output}: {state} ({counts} images, {info.vocab_size} words)")
@@ -178,7 +159,7 @@ Exit codes: 0 trained; 2 bad input (missing dataset, wrong vocabulary, invalid v
 """
 
 
-@click.command(context_settings=_CONTEXT, epilog=TRAIN_EPILOG)
+@click.command("galr-train", cls=GalrCommand, context_settings=_CONTEXT, epilog=TRAIN_EPILOG)
 @click.option("--dataset", type=click.Path(path_type=Path), default=paths.DEFAULT_BENCHMARK, show_default=True,
               help="Dataset folder in the original layout (e.g. made by galr-synth).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=paths.DEFAULT_CHECKPOINT, show_default=True,
@@ -214,11 +195,11 @@ def train_main(dataset: Path, output: Path, preset: str, backbone_weights: Path 
     def work():
         if not dataset.is_dir():
             hint = " (run `galr-synth` or `galr-demo` first)" if dataset == paths.DEFAULT_BENCHMARK else ""
-            raise ValueError(f"dataset folder not found: {dataset}{hint}")
+            raise InputError(f"dataset folder not found: {dataset}{hint}")
         config = train_config_preset(preset, dataset, _vocab_size(dataset, vocab_file), **overrides)
         return train(config, output, resume=resume, progress=not quiet)
 
-    result = _run("galr-train", work)
+    result = work()
     click.echo(f"trained {result.epochs} epochs in {result.seconds:.1f}s -> {result.checkpoint}")
     if result.best_checkpoint is not None:
         click.echo(f"best validation mR {result.best_val_mean_recall:.2f} at epoch {result.best_epoch + 1} "
@@ -243,11 +224,10 @@ def format_evaluation(report: Mapping[str, Any]) -> str:
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    write_text_atomically(path, json.dumps(payload, indent=2) + "\n")
 
 
-@click.command(context_settings=_CONTEXT)
+@click.command("galr-eval", cls=GalrCommand, context_settings=_CONTEXT)
 @click.argument("checkpoint", type=click.Path(path_type=Path), default=paths.DEFAULT_CHECKPOINT)
 @click.option("--dataset", type=click.Path(path_type=Path), default=paths.DEFAULT_BENCHMARK, show_default=True)
 @click.option("--split", default="test", show_default=True)
@@ -277,10 +257,10 @@ def eval_main(checkpoint: Path, dataset: Path, split: str, vocab_file: Path | No
     if detections_dir is not None and local_file is not None:
         raise click.UsageError("give either --detections or --local, not both")
     rerank_config = RerankConfig(k=mr_k, wp1=wp1, wp2=wp2) if rerank else None
-    report = _run("galr-eval", lambda: evaluate_checkpoint(
+    report = evaluate_checkpoint(
         checkpoint, dataset, split, vocab=vocab_file, image_dir=image_dir, detections_dir=detections_dir,
         local_file=local_file, rerank=rerank_config, device=device, batch_size=batch_size, progress=not quiet,
-    ))
+    )
     for warning in report.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)
     click.echo(format_evaluation(report))
@@ -361,7 +341,7 @@ def ensure_demo_model(benchmark_info, device: str, retrain: bool, log: Callable[
     return result
 
 
-@click.command(context_settings=_CONTEXT)
+@click.command("galr-demo", cls=GalrCommand, context_settings=_CONTEXT)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--retrain", is_flag=True, help="Train again even if the cached demo model is current.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -377,18 +357,18 @@ def demo_main(device: str, retrain: bool, quiet: bool) -> None:
     log, progress = _log("galr-demo"), not quiet
     started = time.perf_counter()
     log(f"1/4 synthetic benchmark -> {paths.DEFAULT_BENCHMARK}")
-    info = _run("galr-demo", lambda: ensure_demo_benchmark(log, progress))
+    info = ensure_demo_benchmark(log, progress)
     counts = ", ".join(f"{split} {n}" for split, n in info.images.items())
     log(f"    {'reused' if info.cached else 'generated'}: {counts} images")
     log(f"2/4 demo model -> {paths.DEFAULT_CHECKPOINT}")
-    result = _run("galr-demo", lambda: ensure_demo_model(info, device, retrain, log, progress))
+    result = ensure_demo_model(info, device, retrain, log, progress)
     if result is not None:
         log(f"    trained {result.epochs} epochs in {result.seconds:.0f}s")
     log("3/4 evaluating on the test split")
-    report = _run("galr-demo", lambda: evaluate_checkpoint(
+    report = evaluate_checkpoint(
         paths.DEFAULT_CHECKPOINT, paths.DEFAULT_BENCHMARK, "test", rerank=RerankConfig(), device=device,
         progress=progress,
-    ))
+    )
     eval_file = paths.DEMO_DIR / "eval.json"
     _write_json(eval_file, report)
     click.echo(format_evaluation(report))
@@ -397,7 +377,7 @@ def demo_main(device: str, retrain: bool, quiet: bool) -> None:
     if queries.exists():
         log(f"4/4 {queries} exists; left as it is")
     else:
-        queries.write_text(EXAMPLE_QUERIES, encoding="utf-8")
+        write_text_atomically(queries, EXAMPLE_QUERIES)
         log(f"4/4 wrote example queries to {queries}")
     log(f"done in {time.perf_counter() - started:.0f}s. Next: galr-export --fp16, then galr-run {queries}")
 

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from galr.errors import InputError
 from galr.serialization import fields_from_dict
 
 
@@ -45,11 +46,11 @@ class GaLRConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % 32:
-            raise ValueError(f"image_size must be a multiple of 32 (ResNet stride), got {self.image_size}")
+            raise InputError(f"image_size must be a multiple of 32 (ResNet stride), got {self.image_size}")
         if self.embed_dim % self.fusion_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by fusion_heads {self.fusion_heads}")
+            raise InputError(f"embed_dim {self.embed_dim} is not divisible by fusion_heads {self.fusion_heads}")
         if self.vocab_size < 1:
-            raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
+            raise InputError(f"vocab_size must be positive, got {self.vocab_size}")
 
     @property
     def attention_positions(self) -> int:

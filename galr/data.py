@@ -20,8 +20,11 @@ from typing import Sequence
 
 import numpy as np
 
+from galr.atomic import write_text_atomically
+from galr.errors import InputError
 
-class DatasetError(ValueError):
+
+class DatasetError(InputError):
     """A dataset file is missing or malformed."""
 
 
@@ -284,8 +287,8 @@ def write_split(split: RetrievalSplit, root: str | os.PathLike, name: str | None
     cpi = split.captions_per_image
     repeated = [n for n in split.image_names for _ in range(cpi)]
     caption_file, filename_file = paths.caption_file(name), paths.filename_file(name)
-    caption_file.write_text("".join(c + "\n" for c in split.captions), encoding="utf-8")
-    filename_file.write_text("".join(n + "\n" for n in repeated), encoding="utf-8")
+    write_text_atomically(caption_file, "".join(c + "\n" for c in split.captions))
+    write_text_atomically(filename_file, "".join(n + "\n" for n in repeated))
     return caption_file, filename_file
 
 
@@ -314,13 +317,13 @@ def kfold_splits(
         ValueError: ``k``, ``fold`` or ``val_fraction`` out of range, or too few images for both sides.
     """
     if k < 1 or not 0 <= fold < k:
-        raise ValueError(f"kfold_splits needs k >= 1 and 0 <= fold < k, got k={k}, fold={fold}")
+        raise InputError(f"kfold_splits needs k >= 1 and 0 <= fold < k, got k={k}, fold={fold}")
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise InputError(f"val_fraction must be in (0, 1), got {val_fraction}")
     n = split.num_images
     n_val = max(1, int(round(val_fraction * n)))
     if n_val >= n:
-        raise ValueError(f"split {split.name!r} has {n} images; too few for a {val_fraction:.0%} validation share")
+        raise InputError(f"split {split.name!r} has {n} images; too few for a {val_fraction:.0%} validation share")
     order = np.random.default_rng(seed).permutation(n)
     val = np.sort(order[(fold * n_val + np.arange(n_val)) % n])
     train = np.setdiff1d(np.arange(n), val)

@@ -18,6 +18,7 @@ original cosine similarity.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 from galr.config import GaLRConfig
 
@@ -35,6 +36,10 @@ TEXT_EMBEDDING = "text_embedding"
 
 BATCH_AXIS = "batch"
 TEXT_AXIS = "length"
+
+#: ``metadata_props`` keys stamped into every exported graph, so a stray ``.onnx`` says what it is.
+META_GRAPH = "galr.graph"
+META_PRECISION = "galr.precision"
 
 
 @dataclass(frozen=True)
@@ -69,3 +74,17 @@ def graph_io(config: GaLRConfig) -> dict[str, GraphIO]:
         ),
         TEXT: GraphIO(((TOKENS, "int64", (b, TEXT_AXIS)),), ((TEXT_EMBEDDING, "float32", (b, d)),)),
     }
+
+
+def stamp_metadata(proto: Any, values: Mapping[str, str]) -> None:
+    """Set ``metadata_props`` of an ONNX ``ModelProto`` (added or overwritten, key by key).
+
+    The manifest is the source of truth; the stamps only make a graph copied out of a bundle
+    self-describing.
+    """
+    existing = {prop.key: prop for prop in proto.metadata_props}
+    for key, value in values.items():
+        if key in existing:
+            existing[key].value = str(value)
+        else:
+            proto.metadata_props.add(key=key, value=str(value))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from galr.errors import InputError
+
 
 def fields_from_dict(cls: type, values: Mapping[str, Any], *, lists_to_tuples: bool = True) -> dict[str, Any]:
     """Constructor arguments of dataclass ``cls`` from ``values``.
@@ -18,5 +20,5 @@ def fields_from_dict(cls: type, values: Mapping[str, Any], *, lists_to_tuples: b
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {unknown}; is this file from a newer galr?")
+        raise InputError(f"unknown {cls.__name__} fields {unknown}; is this file from a newer galr?")
     return {k: tuple(v) if lists_to_tuples and isinstance(v, list) else v for k, v in values.items()}

@@ -20,10 +20,9 @@ import torch
 
 from galr.config import GaLRConfig, RerankConfig
 from galr.data import DatasetPaths, load_split
+from galr.errors import InputError
 from galr.model.checkpoint import load_checkpoint
 from galr.model.galr import GaLR
-from galr.preprocess.drea import DREAConfig
-from galr.preprocess.image import ImagePreprocessConfig
 from galr.preprocess.local_file import LocalFeatureTable, load_local_file
 from galr.preprocess.text import Tokenizer
 from galr.retrieval.evaluate import evaluate_encoder, load_split_inputs
@@ -52,11 +51,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
         try:
             resolved = torch.device(device)
         except RuntimeError:
-            raise ValueError(f"unknown device {device!r}; use one of {DEVICE_CHOICES} or 'cuda:N'") from None
+            raise InputError(f"unknown device {device!r}; use one of {DEVICE_CHOICES} or 'cuda:N'") from None
     if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r} is not supported; use one of {DEVICE_CHOICES}")
+        raise InputError(f"device {device!r} is not supported; use one of {DEVICE_CHOICES}")
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for CUDA but torch sees no CUDA device; use 'cpu' or 'auto'")
+        raise InputError(f"device {device!r} asked for CUDA but torch sees no CUDA device; use 'cpu' or 'auto'")
     return resolved
 
 
@@ -79,9 +78,9 @@ class TorchEncoder:
     def __init__(self, model: GaLR, tokenizer: Tokenizer, device: str | torch.device = "cpu",
                  batch_size: int = 64) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise InputError(f"batch_size must be at least 1, got {batch_size}")
         if tokenizer.vocab.max_id != model.config.vocab_size:
-            raise ValueError(
+            raise InputError(
                 f"the tokenizer's vocabulary has ids up to {tokenizer.vocab.max_id} but the model embeds "
                 f"{model.config.vocab_size} words; use the vocabulary the model was trained with"
             )
@@ -112,12 +111,12 @@ class TorchEncoder:
         config = self.model.config
         size, objects = config.image_size, config.num_objects
         if images.ndim != 4 or images.shape[1:] != (3, size, size):
-            raise ValueError(f"images must be float32 [n, 3, {size}, {size}] for this model, got {images.shape}")
+            raise InputError(f"images must be float32 [n, 3, {size}, {size}] for this model, got {images.shape}")
         n = images.shape[0]
         if rep.shape != (n, objects, config.object_dim):
-            raise ValueError(f"local rep must be [{n}, {objects}, {config.object_dim}] for this model, got {rep.shape}")
+            raise InputError(f"local rep must be [{n}, {objects}, {config.object_dim}] for this model, got {rep.shape}")
         if adj.shape != (n, objects, objects):
-            raise ValueError(f"local adj must be [{n}, {objects}, {objects}] for this model, got {adj.shape}")
+            raise InputError(f"local adj must be [{n}, {objects}, {objects}] for this model, got {adj.shape}")
 
     def encode_images(self, images: np.ndarray, local: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         """L2-normalised image embeddings.
@@ -148,7 +147,7 @@ class TorchEncoder:
         """L2-normalised embeddings of right-padded token ids ``int64 [n, T]`` (0 = padding)."""
         tokens = np.asarray(tokens, dtype=np.int64)
         if tokens.ndim != 2:
-            raise ValueError(f"tokens must be a 2-D [n, T] id matrix, got shape {tokens.shape}")
+            raise InputError(f"tokens must be a 2-D [n, T] id matrix, got shape {tokens.shape}")
         out = np.empty((tokens.shape[0], self.embed_dim), dtype=np.float32)
         with self._inference():
             for start in range(0, tokens.shape[0], self.batch_size):
@@ -229,10 +228,7 @@ def evaluate_checkpoint(
     """
     started = time.perf_counter()
     loaded = load_checkpoint(checkpoint, vocab=vocab)
-    config = loaded.model.config
-    image_config = (ImagePreprocessConfig.from_dict(loaded.preprocess) if loaded.preprocess
-                    else ImagePreprocessConfig(size=config.image_size))
-    drea = DREAConfig.from_dict(loaded.drea) if loaded.drea else DREAConfig(num_objects=config.num_objects)
+    config, spec = loaded.model.config, loaded.spec
     paths = DatasetPaths.find(dataset, image_dir=image_dir)
     data = load_split(paths.root, split, image_dir=paths.images)
     with warnings.catch_warnings(record=True) as caught:
@@ -241,9 +237,9 @@ def evaluate_checkpoint(
             paths, None if detections_dir is None else Path(detections_dir),
             None if local_file is None else Path(local_file), config)
         if table is None:
-            drea.check_model(config.num_objects, config.object_dim)
-        inputs = load_split_inputs(data, image_config, drea, detections, table, progress=progress)
-    encoder = TorchEncoder(loaded.model, Tokenizer(loaded.vocab), device, batch_size)
+            spec.drea.check_model(config.num_objects, config.object_dim)
+        inputs = load_split_inputs(data, spec, detections, table, progress=progress)
+    encoder = TorchEncoder(loaded.model, spec.tokenizer(loaded.vocab), device, batch_size)
     evaluation = evaluate_encoder(encoder, inputs, rerank=rerank, batch_size=batch_size)
     return {
         "checkpoint": os.fspath(checkpoint),

@@ -47,12 +47,15 @@ from tqdm import tqdm
 from galr.atomic import atomic_output
 from galr.config import GaLRConfig
 from galr.data import DatasetPaths, RetrievalSplit, kfold_splits, load_split
+from galr.errors import InputError
 from galr.model.checkpoint import save_checkpoint
 from galr.model.galr import GaLR
 from galr.preprocess.drea import DREAConfig
 from galr.preprocess.image import ImagePreprocessConfig, load_image
-from galr.preprocess.text import Tokenizer, Vocabulary
-from galr.retrieval.evaluate import SplitInputs, evaluate_encoder, load_split_inputs, local_features_for
+from galr.preprocess.local_inputs import local_features_for
+from galr.preprocess.spec import PreprocessSpec
+from galr.preprocess.text import DEFAULT_MAX_TEXT_LENGTH, Tokenizer, Vocabulary
+from galr.retrieval.evaluate import SplitInputs, evaluate_encoder, load_split_inputs
 from galr.retrieval.metrics import RetrievalMetrics
 from galr.serialization import fields_from_dict
 from galr.torch_encoder import TorchEncoder, resolve_device
@@ -70,7 +73,7 @@ EXECUTION_FIELDS = frozenset({"device", "num_threads", "eval_batch_size"})
 RESUMABLE_CHANGES = EXECUTION_FIELDS | {"epochs"}
 
 
-class TrainError(ValueError):
+class TrainError(InputError):
     """A training configuration or dataset cannot be used; the message says what to change."""
 
 
@@ -112,7 +115,7 @@ def model_config_preset(name: str, vocab_size: int) -> GaLRConfig:
         return demo_model_config(vocab_size)
     if name == "small":
         return GaLRConfig.small(vocab_size=vocab_size)
-    raise ValueError(f"unknown model preset {name!r}; use one of {MODEL_PRESETS}")
+    raise InputError(f"unknown model preset {name!r}; use one of {MODEL_PRESETS}")
 
 
 def _path_or_none(value: Any) -> str | None:
@@ -178,7 +181,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     eval_every: int = 1
     eval_batch_size: int = 64
-    max_caption_tokens: int = 64
+    max_caption_tokens: int = DEFAULT_MAX_TEXT_LENGTH
     drea: DREAConfig = field(default_factory=DREAConfig)
     detections_dir: str | None = None
     vocab_file: str | None = None
@@ -304,7 +307,7 @@ def contrastive_loss(scores: torch.Tensor, margin: float = 0.2, hardest: bool = 
         The scalar loss (summed over the batch, as the original).
     """
     if scores.ndim != 2 or scores.shape[0] != scores.shape[1]:
-        raise ValueError(f"scores must be a square [B, B] matrix, got shape {tuple(scores.shape)}")
+        raise InputError(f"scores must be a square [B, B] matrix, got shape {tuple(scores.shape)}")
     diagonal = scores.diag()
     positive = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
     # Row i: image i against wrong captions j; column j: caption j against wrong images i.
@@ -594,8 +597,9 @@ class _Trainer:
                 f"is {config.model.vocab_size}; build the model config for this vocabulary "
                 "(model_config_preset(name, vocab.max_id))"
             )
-        self.tokenizer = Tokenizer(self.vocab, config.max_caption_tokens)
-        self.image_config = ImagePreprocessConfig(size=config.model.image_size)
+        self.spec = PreprocessSpec(ImagePreprocessConfig(size=config.model.image_size), config.drea,
+                                   config.max_caption_tokens)
+        self.tokenizer = self.spec.tokenizer(self.vocab)
         detections = _detections_folder(paths)
         train_split, val_split = _resolve_splits(config, paths)
         if train_split.num_images < 2:
@@ -605,8 +609,7 @@ class _Trainer:
                                       config.drea, detections, progress)
         self.val_inputs: SplitInputs | None = None
         if val_split is not None:
-            self.val_inputs = load_split_inputs(val_split, self.image_config, config.drea, detections,
-                                                progress=progress)
+            self.val_inputs = load_split_inputs(val_split, self.spec, detections, progress=progress)
         self.train_images = train_split.num_images
 
         torch.manual_seed(config.seed)
@@ -648,7 +651,7 @@ class _Trainer:
         images = captions // data.captions_per_image
         pixels = np.stack([augment_pixels(data.pixels[i], size, rng) for i in images]) if self.config.augment \
             else data.pixels[images]
-        batch = normalise_pixels(pixels, self.image_config)
+        batch = normalise_pixels(pixels, self.spec.image)
         tokens = pad_tokens([data.tokens[c] for c in captions])
         arrays = (batch, data.local_rep[images], data.local_adj[images], tokens)
         tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True) for a in arrays]
@@ -710,8 +713,7 @@ class _Trainer:
             "epoch": epochs_done, "train_config": config.to_dict(), "train_images": self.train_images,
             "loss": record.loss, "val": record.val, "trained_with": "galr.train",
         }
-        save = dict(model=self.model, vocab=self.vocab, preprocess=self.image_config.to_dict(),
-                    drea=config.drea.to_dict())
+        save = dict(model=self.model, vocab=self.vocab, spec=self.spec)
         if record.val is not None and (self.best_mr is None or record.val["mean_recall"] > self.best_mr):
             self.best_epoch, self.best_mr = record.epoch, record.val["mean_recall"]
             save_checkpoint(best_path(self.checkpoint), metadata=metadata | {"best": True}, **save)

@@ -3,6 +3,11 @@
 Public API (imported lazily, so ``import galr.runtime`` stays cheap)::
 
     from galr.runtime import load_engine, Retriever, GalleryIndex, build_index, load_index
+
+The layers, each its own module: :mod:`.backends` (runners and the backend registry),
+:mod:`.encoders` (:func:`load_engine` -> :class:`Encoders`), :mod:`.index` (records, searchers,
+the ``.gidx`` file), :mod:`.retriever` (search + MR), :mod:`.report` (output formats) and
+:mod:`.cli` (``galr-run``, ``galr-index``).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from typing import Any
 
 _EXPORTS = {
     "load_engine": "galr.runtime.encoders",
-    "GaLREngine": "galr.runtime.encoders",
+    "Encoders": "galr.runtime.encoders",
     "QueryError": "galr.runtime.encoders",
     "Retriever": "galr.runtime.retriever",
     "QueryResult": "galr.runtime.retriever",
@@ -21,7 +26,7 @@ _EXPORTS = {
     "ImageRecord": "galr.runtime.index",
     "build_index": "galr.runtime.index",
     "load_index": "galr.runtime.index",
-    "read_bundle": "galr.runtime.bundle",
+    "read_bundle": "galr.bundle",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,11 +1,11 @@
 """Torch-free GaLR encoders over a ``galr.plan`` bundle: captions and images in, embeddings out.
 
->>> engine = load_engine("galr.plan")                      # doctest: +SKIP
->>> text = engine.encode_text(["two planes next to a runway"])  # (1, D) float32, unit rows
->>> images = engine.encode_images(["scene.png"], local="detections/")
+>>> encoders = load_engine("galr.plan")                          # doctest: +SKIP
+>>> text = encoders.encode_text(["two planes next to a runway"])  # (1, D) float32, unit rows
+>>> images = encoders.encode_images(["scene.png"], local="detections/")
 
-Thread safety: one engine may be shared by threads. ONNX Runtime sessions run concurrently;
-a TensorRT execution context does not, so each TensorRT graph is guarded by its own lock.
+Thread safety: one :class:`Encoders` may be shared by threads. Runners that are not thread-safe
+(TensorRT's execution context) are guarded by a lock each; ONNX Runtime sessions run concurrently.
 """
 
 from __future__ import annotations
@@ -13,25 +13,31 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from galr.runtime.backends.base import Runner
+from galr.runtime.backends.registry import (
+    AUTO,
+    BackendChoice,
+    BackendOptions,
+    Environment,
+    make_runners,
+    resolve_backend,
+)
 
 from galr import graphs
-from galr.config import GaLRConfig
-from galr.preprocess.text import Tokenizer, Vocabulary
-from galr.runtime.backends.base import Runner
-from galr.runtime.bundle import Bundle, BundleError, read_bundle
+from galr.bundle import Bundle, BundleError, read_bundle
+from galr.errors import InputError
 
 DEFAULT_IMAGE_BATCH = 32
 DEFAULT_TEXT_BATCH = 128
 
 
-class QueryError(ValueError):
-    """A query cannot be encoded (empty or whitespace-only text)."""
+class QueryError(InputError):
+    """A query cannot be encoded (empty, whitespace-only, or no words after removing punctuation)."""
 
 
 class UnknownWordsWarning(UserWarning):
@@ -39,52 +45,38 @@ class UnknownWordsWarning(UserWarning):
 
 
 def _renormalise(x: np.ndarray) -> np.ndarray:
-    # Reduced-precision engines drift off unit norm by ~1e-4; scores are cosines, so fix it in FP32.
+    # Reduced-precision engines drift off unit norm slightly; scores are cosines, so fix it in FP32.
     x = np.asarray(x, dtype=np.float32)
     return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-8)
 
 
-@dataclass(frozen=True)
-class EngineInfo:
-    """What is running: shown by the CLI so nobody has to guess."""
+class Encoders:
+    """The two GaLR towers served from a bundle by one backend at one precision.
 
-    backend: str
-    device: str
-    precision: str
-    reason: str
-    bundle: str
+    Made by :func:`load_engine`. ``encode_text`` and ``encode_images`` return L2-normalised float32
+    ``(n, D)`` arrays whose dot products are the model's cosine similarities.
 
-    def describe(self) -> str:
-        return f"{self.backend} on {self.device.upper()} at {self.precision} ({self.reason})"
-
-
-class GaLREngine:
-    """The two GaLR towers served from a bundle with one backend at one precision.
-
-    Build with :func:`load_engine`. ``encode_text`` and ``encode_images`` return L2-normalised
-    float32 ``(n, D)`` arrays whose dot products are the model's cosine similarities.
+    Attributes:
+        bundle: the opened bundle.
+        info: what runs (backend, device, precision) and why.
+        config: the model's dimensions.
+        vocab: its vocabulary.
+        spec: its preprocessing (image, DREA, token cap), from the manifest.
+        tokenizer: the tokenizer of ``spec`` over ``vocab``.
     """
 
-    def __init__(self, bundle: Bundle, runners: dict[str, Runner], info: EngineInfo,
-                 max_batch: dict[str, int] | None = None) -> None:
-        from galr.preprocess.drea import DREAConfig
-        from galr.preprocess.image import ImagePreprocessConfig
-
-        manifest = bundle.manifest
+    def __init__(self, bundle: Bundle, runners: Mapping[str, Runner], info: BackendChoice,
+                 resources: ExitStack | None = None) -> None:
         self.bundle = bundle
         self.info = info
-        self.config = GaLRConfig.from_dict(manifest["model"])
-        self.vocab = Vocabulary.from_json_dict(manifest["vocab"], source=f"{bundle.path}:manifest.json")
-        self.tokenizer = Tokenizer(self.vocab, max_length=int(manifest.get("tokenizer", {}).get("max_length", 64)))
-        self.image_config = ImagePreprocessConfig.from_dict(manifest["preprocess"]) if manifest.get("preprocess") else ImagePreprocessConfig()
-        self.drea_config = DREAConfig.from_dict(manifest["drea"]) if manifest.get("drea") else DREAConfig()
-        if self.image_config.size != self.config.image_size:
-            raise BundleError(f"{bundle.path}: preprocessing resizes to {self.image_config.size} px but the model "
-                              f"takes {self.config.image_size} px; re-export the bundle")
-        self._runners = runners
-        self._max_batch = max_batch or {}
-        serial = info.backend == "tensorrt"
-        self._locks = {name: threading.Lock() if serial else nullcontext() for name in runners}
+        self.config = bundle.config
+        self.vocab = bundle.vocab
+        self.spec = bundle.spec
+        self.tokenizer = self.spec.tokenizer(self.vocab)
+        self._runners = dict(runners)
+        self._resources = resources or ExitStack()
+        self._locks = {name: nullcontext() if runner.thread_safe else threading.Lock()
+                       for name, runner in self._runners.items()}
 
     @property
     def embed_dim(self) -> int:
@@ -94,14 +86,19 @@ class GaLREngine:
     def model_hash(self) -> str:
         return self.bundle.model_hash
 
-    def close(self) -> None:
-        for runner in self._runners.values():
-            runner.close()
+    @property
+    def runners(self) -> Mapping[str, Runner]:
+        """The running graphs by name (read-only view; they belong to these encoders)."""
+        return dict(self._runners)
 
-    def __enter__(self) -> "GaLREngine":
+    def close(self) -> None:
+        """Stop every runner (idempotent)."""
+        self._resources.close()
+
+    def __enter__(self) -> "Encoders":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
     # -- graphs -------------------------------------------------------------------------------
@@ -109,7 +106,7 @@ class GaLREngine:
         runner = self._runners[graph]
         output = next(iter(runner.outputs))
         n = next(iter(feeds.values())).shape[0]
-        step = self._max_batch.get(graph) or default_batch
+        step = runner.max_batch_size or default_batch
         parts = []
         for start in range(0, n, step):
             chunk = {k: v[start:start + step] for k, v in feeds.items()}
@@ -164,122 +161,75 @@ class GaLREngine:
         Args:
             images: a float32 array [n, 3, S, S] already preprocessed, or a sequence of image paths,
                 PIL images or HxWx3 uint8 arrays (preprocessed here exactly as in training).
-            local: the DREA input, one of: a ``(rep, adj)`` pair of arrays; a sequence of
-                :class:`~galr.preprocess.detections.DetectionSet`; a directory of detection files
-                named like the images; an original local-feature table (``load_local_file``);
-                or ``None`` for the documented no-detection fallback (a warning per image).
+            local: the DREA input (:mod:`galr.preprocess.local_inputs`): ``(rep, adj)`` arrays, a
+                sequence of :class:`~galr.preprocess.detections.DetectionSet`, a folder of detection
+                files named like the images, an original local-feature table, or ``None`` for the
+                documented no-detection fallback (a warning per image).
         """
         from galr.preprocess.image import load_image, preprocess_image
+        from galr.preprocess.local_inputs import local_inputs
 
+        size = self.config.image_size
         if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1] == 3:
-            pixels, sizes, names = images.astype(np.float32, copy=False), None, None
+            pixels, sizes, names = images.astype(np.float32, copy=False), [(size, size)] * len(images), None
         else:
-            loaded = [load_image(item, self.image_config) for item in images]
+            loaded = [load_image(item, self.spec.image) for item in images]
             sizes = [picture.size for picture in loaded]
             names = [Path(item) if isinstance(item, (str, os.PathLike)) else None for item in images]
-            pixels = np.stack([preprocess_image(picture, self.image_config) for picture in loaded]) if loaded else \
-                np.zeros((0, 3, self.config.image_size, self.config.image_size), np.float32)
-        rep, adj = self._local_inputs(local, len(pixels), sizes, names)
+            pixels = np.stack([preprocess_image(picture, self.spec.image) for picture in loaded]) if loaded else \
+                np.zeros((0, 3, size, size), np.float32)
+        rep, adj = local_inputs(local, len(pixels), names, sizes, self.spec.drea)
         return self.encode_image_arrays(pixels, rep, adj)
 
-    def _local_inputs(self, local: Any, count: int, sizes, names) -> tuple[np.ndarray, np.ndarray]:
-        from galr.preprocess.detections import DetectionSet
-        from galr.preprocess.drea import build_local_batch
-        from galr.retrieval.evaluate import local_features_for
 
-        if isinstance(local, tuple) and len(local) == 2 and isinstance(local[0], np.ndarray):
-            return local
-        size = self.config.image_size
-        sizes = sizes or [(size, size)] * count
-        if local is None:
-            return build_local_batch([DetectionSet((), None, None, f"image #{i}") for i in range(count)], sizes,
-                                     self.drea_config)
-        if isinstance(local, (str, os.PathLike)) or hasattr(local, "lookup"):
-            if names is None or any(n is None for n in names):
-                raise ValueError("a detections folder or local-feature file needs images given as file paths")
-            if isinstance(local, (str, os.PathLike)):
-                if not Path(local).is_dir():
-                    raise FileNotFoundError(f"detections folder not found: {local}")
-                return local_features_for(names, sizes, self.drea_config, detections_dir=Path(local))
-            return local_features_for(names, sizes, self.drea_config, local_table=local)
-        sets = list(local)
-        if len(sets) != count:
-            raise ValueError(f"{len(sets)} detection sets for {count} images")
-        return build_local_batch(sets, sizes, self.drea_config)
-
-
-def _onnxruntime_runners(bundle: Bundle, precision: str, device: str, options=None) -> dict[str, Runner]:
-    from galr.runtime.backends.onnxruntime import OnnxRuntimeRunner
-
-    return {name: OnnxRuntimeRunner(bundle.onnx_bytes(name, precision), device=device, options=options).activate()
-            for name in graphs.GRAPH_NAMES}
-
-
-def select_engine(bundle: Bundle, precision: str, gpu=None, trt_version: str | None = None) -> dict[str, Any]:
-    """The bundle's engine set built for this GPU, TensorRT version and precision.
-
-    Raises:
-        EngineMismatchError: no engine fits; the message lists what differs and the rebuild command.
-    """
-    from galr.runtime.backends.device import probe_gpu, probe_tensorrt
-    from galr.runtime.backends.tensorrt import EngineKey, EngineMismatchError, check_engine_compatible
-
-    gpu = gpu or probe_gpu()
-    if trt_version is None:
-        installed = probe_tensorrt()
-        trt_version = installed.version if installed else "none"
-    capability = gpu.compute_capability if gpu is not None else "sm_none"
-    candidates = [e for e in bundle.engines() if e["key"]["precision"] == precision]
-    if not candidates:
-        raise EngineMismatchError(f"{bundle.path} has no TensorRT {precision} engines; build them here with "
-                                  f"`galr-build {bundle.path} --precision {precision}` or use --backend onnxruntime")
-    problems = []
-    for entry in candidates:
-        try:
-            check_engine_compatible(EngineKey.from_dict(entry["key"]), capability, trt_version, bundle=str(bundle.path))
-            return entry
-        except EngineMismatchError as exc:
-            problems.append(str(exc))
-    raise EngineMismatchError(problems[0] if len(problems) == 1 else " | ".join(problems))
-
-
-def _tensorrt_runners(bundle: Bundle, precision: str) -> tuple[dict[str, Runner], dict[str, int]]:
-    from galr.runtime.backends.tensorrt import TensorRTRunner
-
-    entry = select_engine(bundle, precision)
-    runners = {name: TensorRTRunner(bundle.read_member(entry["members"][name])).activate() for name in graphs.GRAPH_NAMES}
-    limits = {name: runner.max_batch_size for name, runner in runners.items() if runner.max_batch_size}
-    return runners, limits
-
-
-def load_engine(bundle: str | os.PathLike | Bundle = "galr.plan", backend: str = "auto", device: str = "auto",
-                precision: str = "auto", onnxruntime_options=None) -> GaLREngine:
-    """Open a bundle and build the encoders on the best (or the requested) backend.
-
-    Args:
-        bundle: the ``galr.plan`` file (or an opened :class:`Bundle`).
-        backend: ``"auto"``, ``"tensorrt"`` or ``"onnxruntime"``.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        precision: ``"auto"`` (fp16 on a GPU when present, else fp32), ``"fp32"``, ``"fp16"`` or ``"int8"``.
-
-    Raises:
-        BundleError: the bundle is missing/corrupt or lacks the precision.
-        BackendUnavailableError: an explicitly requested backend/device cannot run here.
-    """
-    from galr.runtime.backends import resolve_backend
-
-    bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
-    chosen_backend, chosen_device, reason = resolve_backend(backend, device)
-    if precision == "auto":
-        precision = "fp16" if chosen_device == "cuda" and "fp16" in bundle.precisions else "fp32"
+def _resolve_precision(requested: str, device: str, bundle: Bundle) -> str:
+    precision = requested
+    if requested == AUTO:
+        precision = "fp16" if device == "cuda" and "fp16" in bundle.precisions else "fp32"
     if precision not in bundle.precisions:
         raise BundleError(f"{bundle.path} has no {precision} graphs (it has {bundle.precisions}); "
                           f"re-export with `galr-export --{precision}`")
-    if chosen_backend == "tensorrt":
-        runners, limits = _tensorrt_runners(bundle, precision)
-    else:
-        runners, limits = _onnxruntime_runners(bundle, precision, chosen_device, onnxruntime_options), {}
-    info = EngineInfo(chosen_backend, chosen_device, precision, reason, str(bundle.path))
-    engine = GaLREngine(bundle, runners, info, limits)
-    engine.tokenizer.warm_up()  # the first query then costs what every query costs (NLTK loads in ~0.3 s)
-    return engine
+    return precision
+
+
+def load_engine(bundle: str | os.PathLike | Bundle = "galr.plan", backend: str = AUTO, device: str = AUTO,
+                precision: str = AUTO, options: Iterable[BackendOptions] = (),
+                environment: Environment | None = None) -> Encoders:
+    """Open a bundle and start its encoders on the best (or the requested) backend.
+
+    Args:
+        bundle: the ``galr.plan`` file, or an opened (or in-memory) :class:`~galr.bundle.Bundle`.
+        backend: ``"auto"`` or a registered backend (``"tensorrt"``, ``"onnxruntime"``).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        precision: ``"auto"`` (fp16 on a GPU when the bundle has it, else fp32), ``"fp32"``,
+            ``"fp16"`` or ``"int8"``.
+        options: typed options per backend (e.g. ``OnnxRuntimeOptions(intra_op_threads=2)``); the
+            chosen backend takes the ones for it.
+        environment: what the machine offers (probed when ``None``; tests pass their own).
+
+    Returns:
+        The running :class:`Encoders`; close them (or use ``with``) to free the runners.
+
+    Raises:
+        BundleError: the bundle is missing/corrupt or lacks the precision.
+        BackendUnavailableError: a requested backend/device cannot run here.
+        EngineMismatchError: TensorRT was chosen but no engine in the bundle fits this machine.
+    """
+    bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+    environment = environment or Environment()
+    choice = resolve_backend(backend, device, bundle=str(bundle.path), environment=environment)
+    choice = BackendChoice(choice.backend, choice.device, _resolve_precision(precision, choice.device, bundle),
+                           choice.reason, choice.bundle)
+    stack = ExitStack()  # owned by the encoders once they exist; closed here if anything fails first
+    try:
+        runners = make_runners(choice, bundle, stack, environment, options)
+        encoders = Encoders(bundle, runners, choice, stack)
+    except BaseException:
+        stack.close()
+        raise
+    encoders.tokenizer.warm_up()  # the first query then costs what every query costs
+    return encoders
+
+
+__all__ = ["DEFAULT_IMAGE_BATCH", "DEFAULT_TEXT_BATCH", "Encoders", "QueryError", "UnknownWordsWarning",
+           "load_engine"]

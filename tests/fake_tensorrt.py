@@ -1,12 +1,20 @@
 """A fake ``tensorrt`` module that records calls, for testing build and runner logic without a GPU.
 
-It mimics the parts of TensorRT's Python API that galr uses, as documented for 10.x and 11.x:
-on 11.x ``BuilderFlag`` has no precision members (FP16/INT8 were removed), and
-``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` is accepted and ignored. Every call lands in
-``module.calls`` as ``(what, details...)`` tuples so tests can assert what the code under test did.
+It mimics the parts of TensorRT's Python API that galr uses, with the values of the real enums:
 
-The fake parser reads network inputs from the real ONNX bytes (via ``onnx``), so profile checks run
-against the graph the test built.
+* ``NetworkDefinitionCreationFlag``: on 10.x ``EXPLICIT_BATCH = 0`` (deprecated, implicit) and
+  ``STRONGLY_TYPED = 1``, so a strongly typed network is created with ``1 << 1``; 11.x keeps
+  ``STRONGLY_TYPED = 1`` (accepted, ignored: every network is strongly typed) and drops EXPLICIT_BATCH.
+* ``BuilderFlag``: on 11.x it has no precision members (FP16/INT8 were removed).
+* ``nptype`` maps FLOAT, HALF, INT8, INT32, INT64, UINT8 and BOOL; BF16 has no numpy type.
+* The ONNX parser reads network inputs from the real ONNX bytes (via ``onnx``), so profile checks
+  run against the graph the test built, and, like TensorRT's, rejects a node it has no importer for
+  (a custom domain, or an op type outside :data:`KNOWN_OPS`), naming it.
+* ``Runtime.deserialize_cuda_engine`` returns the engine registered for those exact plan bytes
+  (``engines``), else ``None`` as for a plan from another TensorRT version.
+
+Every call lands in ``module.calls`` as ``(what, details...)`` tuples so tests can assert what the
+code under test did.
 """
 
 from __future__ import annotations
@@ -55,6 +63,24 @@ class _RecordingNamespace:
 
 def _namespace(owner: str, names: Sequence[str]) -> types.SimpleNamespace:
     return types.SimpleNamespace(**{name: _Enum(owner, name, index) for index, name in enumerate(names)})
+
+
+#: Op types the fake parser imports (the standard ops galr's graphs and the tests' graphs use).
+KNOWN_OPS = frozenset({
+    "Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Tanh", "Conv", "Gemm", "MatMul", "MaxPool", "Concat", "Reshape",
+    "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "GatherElements", "Expand", "Shape", "Cast", "Constant",
+    "ReduceSum", "ReduceMean", "ReduceL2", "Pow", "Sqrt", "Softmax", "GRU", "Flatten", "Identity", "Greater",
+    "Equal", "Where", "Clip", "Max", "Min", "QuantizeLinear", "DequantizeLinear", "Resize", "Range", "Not",
+    "ConstantOfShape", "LayerNormalization", "Erf", "Neg", "Exp", "ScatterND", "NonZero", "TopK", "Less",
+})
+
+
+def _unknown_ops(onnx_bytes: bytes) -> list[str]:
+    import onnx
+
+    graph = onnx.load_from_string(onnx_bytes).graph
+    return [f"No importer registered for op: {node.op_type} (domain {node.domain!r}, node {node.name!r})"
+            for node in graph.node if node.domain not in ("", "ai.onnx") or node.op_type not in KNOWN_OPS]
 
 
 def _onnx_inputs(onnx_bytes: bytes) -> list[tuple[str, tuple[int, ...]]]:
@@ -178,7 +204,8 @@ class FakeBuilder:
         self._module.calls.append(("build_serialized_network",))
         if config.timing_cache is not None:
             config.timing_cache.builds += 1
-        return self._module.build_result
+        result = self._module.build_result
+        return result(network) if callable(result) else result
 
 
 class FakeOnnxParser:
@@ -188,7 +215,8 @@ class FakeOnnxParser:
 
     def parse(self, model: bytes, path: str | None = None) -> bool:
         self._module.calls.append(("parse", len(model)))
-        self._errors = [FakeParserError(text) for text in self._module.parse_errors]
+        messages = list(self._module.parse_errors) or _unknown_ops(bytes(model))
+        self._errors = [FakeParserError(text) for text in messages]
         if self._errors:
             return False
         self._network.inputs = [FakeTensor(name, shape) for name, shape in _onnx_inputs(model)]
@@ -306,10 +334,11 @@ class FakeRuntime:
 
     def deserialize_cuda_engine(self, plan: bytes) -> FakeEngine | None:
         self._module.calls.append(("deserialize_cuda_engine", self.engine_host_code_allowed))
-        return self._module.engine if bytes(plan) == self._module.engine_plan else None
+        return self._module.engines.get(bytes(plan))
 
 
-_TRT_TYPE_BY_NUMPY = {"float32": "FLOAT", "float16": "HALF", "int64": "INT64", "int32": "INT32", "bool": "BOOL"}
+_TRT_TYPE_BY_NUMPY = {"float32": "FLOAT", "float16": "HALF", "int8": "INT8", "int32": "INT32", "int64": "INT64",
+                      "uint8": "UINT8", "bool": "BOOL"}
 _NUMPY_BY_TRT_TYPE = {trt_name: np_name for np_name, trt_name in _TRT_TYPE_BY_NUMPY.items()}
 
 
@@ -321,7 +350,7 @@ def make_fake_tensorrt(
     version: str = V10,
     *,
     parse_errors: Sequence[str] = (),
-    build_result: bytes | None = b"FAKE-PLAN",
+    build_result: bytes | None | Callable[[FakeNetwork], bytes | None] = b"FAKE-PLAN",
     reject_timing_cache: bool = False,
     io_tensors: Sequence[IOTensor] = (),
     engine_plan: bytes = b"FAKE-PLAN",
@@ -334,7 +363,8 @@ def make_fake_tensorrt(
     Args:
         version: ``__version__``; the major decides whether ``BuilderFlag`` has precision members.
         parse_errors: messages the ONNX parser reports (parse fails when non-empty).
-        build_result: what ``build_serialized_network`` returns (``None`` = failed build).
+        build_result: what ``build_serialized_network`` returns (``None`` = failed build), or a function
+            of the network that returns it.
         reject_timing_cache: ``set_timing_cache`` refuses a non-empty cache (as for another GPU).
         io_tensors: the engine that ``Runtime.deserialize_cuda_engine`` returns for ``engine_plan``.
         engine_plan: bytes that deserialize; anything else gives ``None`` (version mismatch).
@@ -355,9 +385,12 @@ def make_fake_tensorrt(
 
     module.Logger = type("Logger", (), {"WARNING": 2, "INFO": 3, "ERROR": 1, "VERBOSE": 4,
                                         "__init__": lambda self, severity=2: None})
-    module.NetworkDefinitionCreationFlag = _namespace("NetworkDefinitionCreationFlag", ["STRONGLY_TYPED"])
+    major = int(version.split(".")[0])
+    creation_flags = {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1} if major < 11 else {"STRONGLY_TYPED": 1}
+    module.NetworkDefinitionCreationFlag = types.SimpleNamespace(
+        **{name: _Enum("NetworkDefinitionCreationFlag", name, value) for name, value in creation_flags.items()})
     flags = ["VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"]
-    if int(version.split(".")[0]) < 11:
+    if major < 11:
         flags = ["FP16", "BF16", "INT8", *flags]
     module.BuilderFlag = _RecordingNamespace("BuilderFlag", flags, module.calls)
     module.MemoryPoolType = _namespace("MemoryPoolType", ["WORKSPACE"])
@@ -374,7 +407,17 @@ def make_fake_tensorrt(
     module.OnnxParser = lambda network, logger: FakeOnnxParser(module, network, logger)
     module.Runtime = lambda logger: FakeRuntime(module, logger)
     module.engine = FakeEngine(module, io_tensors, compute, memory)
+    module.engines = {engine_plan: module.engine}
     return module
+
+
+def add_engine(module: types.ModuleType, plan: bytes, io_tensors: Sequence[IOTensor],
+               compute: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+               memory: dict[int, np.ndarray] | None = None) -> FakeEngine:
+    """Register another engine that ``deserialize_cuda_engine`` returns for exactly ``plan``."""
+    engine = FakeEngine(module, io_tensors, compute, memory)
+    module.engines[bytes(plan)] = engine
+    return engine
 
 
 def called(module: types.ModuleType, what: str) -> list[tuple]:

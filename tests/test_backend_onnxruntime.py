@@ -13,20 +13,21 @@ import pytest
 
 ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install galr[cpu])")
 onnx = pytest.importorskip("onnx", reason="the tests build tiny ONNX graphs with the onnx package")
-from onnx import TensorProto, helper  # noqa: E402
-
 from galr.runtime.backends import (  # noqa: E402
-    BackendEnvironment,
+    Environment,
     available_backends,
     resolve_backend,
 )
-from galr.runtime.backends.base import RunnerError  # noqa: E402
-from galr.runtime.backends.device import BackendUnavailableError, GpuInfo, TensorRTInfo  # noqa: E402
+from galr.runtime.backends.base import BackendUnavailableError, RunnerError  # noqa: E402
+from galr.runtime.backends.device import GpuInfo, TensorRTInfo  # noqa: E402
 from galr.runtime.backends.onnxruntime import (  # noqa: E402
     OnnxRuntimeOptions,
     OnnxRuntimeRunner,
     provider_list,
 )
+from onnx import TensorProto, helper  # noqa: E402
+
+from galr.errors import InputError  # noqa: E402
 
 
 def _model(nodes, inputs, outputs) -> bytes:
@@ -257,16 +258,16 @@ ORT_CPU = ("CPUExecutionProvider",)
 ORT_GPU = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
-def env(gpu=None, trt=None, cupy=False, ort_providers=ORT_CPU) -> BackendEnvironment:
-    return BackendEnvironment(gpu=gpu, tensorrt=trt, cupy_available=cupy, onnxruntime_providers=ort_providers)
+def env(gpu=None, trt=None, cupy=False, ort_providers=ORT_CPU) -> Environment:
+    return Environment(gpu=gpu, tensorrt=trt, cupy_available=cupy, onnxruntime_providers=ort_providers)
 
 
 @pytest.mark.parametrize(
     "environment, requested, device, expected",
     [
-        (env(), "auto", "auto", ("onnxruntime", "cpu", "onnxruntime on CPU: TensorRT not installed")),
-        (env(gpu=H200, trt=TRT10, cupy=True), "auto", "auto", ("tensorrt", "cuda", "tensorrt on NVIDIA H200")),
-        (env(gpu=H200, trt=TRT10, cupy=True), "auto", "cpu", ("onnxruntime", "cpu", "device 'cpu' requested")),
+        (env(), "auto", "auto", ("onnxruntime", "cpu", "tensorrt on cuda: TensorRT not installed")),
+        (env(gpu=H200, trt=TRT10, cupy=True), "auto", "auto", ("tensorrt", "cuda", "NVIDIA H200 (sm_90)")),
+        (env(gpu=H200, trt=TRT10, cupy=True), "auto", "cpu", ("onnxruntime", "cpu", "best available")),
         (env(gpu=H200, ort_providers=ORT_GPU), "auto", "auto", ("onnxruntime", "cuda", "TensorRT not installed")),
         (env(H200, TRT10, ort_providers=ORT_GPU), "auto", "auto", ("onnxruntime", "cuda", "CuPy not installed")),
         (env(trt=TRT10, cupy=True, ort_providers=ORT_GPU), "auto", "auto", ("onnxruntime", "cpu", "no CUDA GPU")),
@@ -276,9 +277,9 @@ def env(gpu=None, trt=None, cupy=False, ort_providers=ORT_CPU) -> BackendEnviron
     ],
 )
 def test_resolve_backend_picks_and_explains(environment, requested, device, expected):
-    backend, resolved_device, reason = resolve_backend(requested, device, environment=environment)
-    assert (backend, resolved_device) == expected[:2]
-    assert expected[2] in reason
+    choice = resolve_backend(requested, device, environment=environment)
+    assert (choice.backend, choice.device) == expected[:2]
+    assert expected[2] in choice.reason
 
 
 @pytest.mark.parametrize(
@@ -286,7 +287,7 @@ def test_resolve_backend_picks_and_explains(environment, requested, device, expe
     [
         (env(), "tensorrt", "auto", r"TensorRT not installed.*galr\[tensorrt\]"),
         (env(trt=TRT10, cupy=True), "tensorrt", "cuda", "no CUDA GPU visible"),
-        (env(gpu=H200, trt=TRT10, cupy=True), "tensorrt", "cpu", "runs only on CUDA GPUs"),
+        (env(gpu=H200, trt=TRT10, cupy=True), "tensorrt", "cpu", "runs only on cuda"),
         (env(gpu=H200), "onnxruntime", "cuda", r"no CUDA provider.*galr\[gpu\]"),
         (env(ort_providers=ORT_GPU), "auto", "cuda", "no CUDA GPU visible"),
         (env(ort_providers=None), "auto", "auto", r"no backend can run here.*galr\[cpu\]"),
@@ -294,24 +295,39 @@ def test_resolve_backend_picks_and_explains(environment, requested, device, expe
     ],
 )
 def test_unavailable_requests_raise_with_the_fix(environment, requested, device, message):
-    with pytest.raises(BackendUnavailableError, match=message):
+    with pytest.raises(BackendUnavailableError, match=message) as raised:
         resolve_backend(requested, device, environment=environment)
+    assert raised.value.exit_code == 3
 
 
 @pytest.mark.parametrize(
     "requested, device, message", [("torch", "auto", "valid backends"), ("auto", "gpu", "valid devices")]
 )
 def test_unknown_names_list_the_valid_ones(requested, device, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):
         resolve_backend(requested, device, environment=env())
 
 
-def test_available_backends(monkeypatch):
+def test_available_backends():
     assert available_backends(env(gpu=H200, trt=TRT10, cupy=True)) == ["tensorrt", "onnxruntime"]
     assert available_backends(env(trt=TRT10, cupy=True)) == ["onnxruntime"]
     assert available_backends(env(ort_providers=None)) == []
-    import galr.runtime.backends as backends
 
-    monkeypatch.setattr(backends, "probe_environment", lambda: env(H200, TRT10, cupy=False, ort_providers=ORT_GPU))
-    assert backends.available_backends() == ["onnxruntime"]
-    assert backends.resolve_backend()[2].startswith("onnxruntime on CUDA (NVIDIA H200 (sm_90)): CuPy not installed")
+
+def test_the_environment_probes_only_what_a_backend_asks(monkeypatch):
+    import galr.runtime.backends.registry as registry
+
+    asked = []
+    monkeypatch.setattr(registry, "probe_gpu", lambda: asked.append("gpu"))
+    monkeypatch.setattr(registry, "probe_tensorrt", lambda: asked.append("tensorrt"))
+    environment = registry.Environment(cupy_available=False, onnxruntime_providers=ORT_CPU)
+    choice = resolve_backend("onnxruntime", "cpu", environment=environment)
+    assert (choice.backend, choice.device, asked) == ("onnxruntime", "cpu", [])
+    resolve_backend("auto", "cpu", environment=environment)
+    assert asked == []  # TensorRT runs only on cuda: nothing to probe for the CPU
+
+
+def test_every_backend_module_registers_itself():
+    from galr.runtime.backends.registry import backend_names
+
+    assert backend_names() == ("tensorrt", "onnxruntime")  # rank order: preferred first

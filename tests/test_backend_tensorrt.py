@@ -1,4 +1,5 @@
-"""Tests for galr.runtime.backends.tensorrt (runner logic, engine keys) and galr.runtime.backends.device.
+"""Tests for galr.runtime.backends.tensorrt (runner logic, the backend through load_engine) and
+galr.runtime.backends.device.
 
 Without a GPU the runner runs against ``tests/fake_tensorrt.py`` and a fake CuPy whose "device memory"
 is host numpy arrays keyed by pointer, so shape bookkeeping, buffer reuse and profile checks are real
@@ -13,25 +14,17 @@ import types
 
 import numpy as np
 import pytest
-
 from galr.runtime.backends import device
-from galr.runtime.backends.base import RunnerError
+from galr.runtime.backends.base import BackendUnavailableError, RunnerError
 from galr.runtime.backends.device import (
-    BackendUnavailableError,
     GpuInfo,
     parse_nvidia_smi,
     probe_gpu,
     probe_tensorrt,
 )
-from galr.runtime.backends.tensorrt import (
-    EngineKey,
-    EngineMismatchError,
-    ProfileRange,
-    TensorRTRunner,
-    check_engine_compatible,
-    current_engine_key,
-    onnx_sha256,
-)
+from galr.runtime.backends.tensorrt import ProfileRange, TensorRTRunner
+
+from galr.bundle import EngineMismatchError
 from tests.fake_tensorrt import V10, V11, IOTensor, called, make_fake_tensorrt
 
 H200 = GpuInfo(name="NVIDIA H200", compute_capability="sm_90")
@@ -220,7 +213,7 @@ def test_no_gpu_refuses_before_any_tensorrt_object():
 
 @pytest.mark.parametrize(
     "missing, injected, message",
-    [("tensorrt", "cupy", r"galr\[tensorrt\]"), ("cupy", "trt", r"CuPy.*galr\[gpu\]")],
+    [("tensorrt", "cupy", r"galr\[tensorrt\]"), ("cupy", "trt", r"CuPy.*galr\[tensorrt\].*cupy-cuda13x")],
 )
 def test_missing_dependencies_name_the_extra(monkeypatch, missing, injected, message):
     monkeypatch.setitem(sys.modules, missing, None)
@@ -233,60 +226,6 @@ def test_profile_range_contains():
     profile = ProfileRange("tokens", *TEXT_PROFILE)
     assert profile.contains((1, 1)) and profile.contains((32, 64))
     assert not profile.contains((1, 1, 1)) and not profile.contains((32, 65))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Engine keys
-
-SHA = onnx_sha256(b"graph")
-KEY = EngineKey("sm_90", "10.16.1", "fp16", SHA)
-
-
-def test_engine_key_string_and_round_trip():
-    assert KEY.as_string() == f"sm_90-trt10.16.1-fp16-{SHA[:12]}"
-    assert EngineKey.from_dict(KEY.to_dict()) == KEY
-    assert current_engine_key(b"graph", "fp16", gpu=H200, trt_version="10.16.1") == KEY
-    with pytest.raises(ValueError, match="precision"):
-        EngineKey("sm_90", "10.16.1", "bf16", SHA)
-    with pytest.raises(ValueError, match="sm_90"):
-        EngineKey("9.0", "10.16.1", "fp16", SHA)
-
-
-def test_current_engine_key_needs_a_gpu(monkeypatch):
-    monkeypatch.setattr("galr.runtime.backends.tensorrt.probe_gpu", lambda: None)
-    with pytest.raises(BackendUnavailableError, match="no CUDA GPU"):
-        current_engine_key(b"graph", "fp16", trt_version="10.16.1")
-
-
-def test_matching_engine_passes():
-    check_engine_compatible(KEY, H200, "10.16.1", current_onnx_sha256=SHA)
-    check_engine_compatible(KEY, "sm_90", "10.16.1")
-
-
-@pytest.mark.parametrize(
-    "gpu, trt_version, sha, expected",
-    [
-        ("sm_89", "10.16.1", SHA, "GPU architecture: engine sm_90, this GPU sm_89"),
-        ("sm_90", "11.4.0", SHA, "TensorRT: engine built with 10.16.1, installed 11.4.0"),
-        ("sm_90", "10.16.1", onnx_sha256(b"other"), f"ONNX graph: engine from {SHA[:12]}"),
-    ],
-)
-def test_mismatches_say_what_differs_and_how_to_rebuild(gpu, trt_version, sha, expected):
-    with pytest.raises(EngineMismatchError) as excinfo:
-        check_engine_compatible(KEY, gpu, trt_version, current_onnx_sha256=sha, bundle="models/galr.plan")
-    assert expected in str(excinfo.value)
-    assert "`galr-build models/galr.plan`" in str(excinfo.value)
-
-
-def test_version_compatible_engines_load_on_newer_tensorrt_only():
-    check_engine_compatible(KEY, H200, "11.4.0", version_compatible=True)
-    with pytest.raises(EngineMismatchError, match="installed 10.3.0"):
-        check_engine_compatible(KEY, H200, "10.3.0", version_compatible=True)
-
-
-def test_all_differences_are_listed():
-    with pytest.raises(EngineMismatchError, match="GPU architecture.*; TensorRT"):
-        check_engine_compatible(KEY, "sm_86", "10.0.1")
 
 
 # ---------------------------------------------------------------------------------------------------

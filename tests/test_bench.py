@@ -9,10 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from galr.bench import harness
 from galr.bench.cli import SECTIONS, BenchOptions, main, mr_mismatches
-from galr.bench.encoders import BACKENDS, ENCODER_NAMES, REFERENCE, tensorrt_unavailable_reason
+from galr.bench.encoders import (
+    BACKENDS,
+    ENCODER_NAMES,
+    REFERENCE,
+    tensorrt_unavailable_reason,
+)
 from galr.bench.harness import Case, Measurement, Spread, TimingSettings
 from galr.bench.rerank import compare_outputs, synthetic_similarity
 
@@ -227,11 +231,11 @@ def test_compare_outputs_and_mismatch_listing():
                                            "vsa_channels": 2, "fusion_ff": 48}])
 def test_analytic_flops_equal_torch_flop_counter(overrides):
     import torch
+    from galr.bench.limits import encoder_costs
+    from galr.export.onnx_export import example_inputs
     from torch.utils.flop_counter import FlopCounterMode
 
-    from galr.bench.limits import encoder_costs
     from galr.config import GaLRConfig
-    from galr.export.onnx_export import example_inputs
     from galr.model import GaLR
 
     config = GaLRConfig.small(**overrides)
@@ -249,6 +253,7 @@ def test_analytic_flops_equal_torch_flop_counter(overrides):
 
 def test_the_end_to_end_limit_is_the_sum_of_its_stages():
     from galr.bench.limits import encoder_costs, fractions_of_limit, limit_seconds
+
     from galr.config import GaLRConfig
 
     costs = encoder_costs(GaLRConfig.small(), tokens=9, gallery=1000)
@@ -258,12 +263,23 @@ def test_the_end_to_end_limit_is_the_sum_of_its_stages():
     row = {"encoder": "end-to-end", "backend": "onnxruntime-fp32", "batch": 1, "status": "ok", "kind": "latency",
            "latency_ms": {"p50": {"median": 10.0}}}
     [fraction] = fractions_of_limit(costs, peaks, [row])
-    expected = limit_seconds("text", costs["text"], 1, peaks)[0] + limit_seconds("search", costs["search"], 1, peaks)[0]
+
+    def by_hand(cost, weight_rate: float) -> float:
+        # The roofline, written out: the slower of compute at 100 GFLOP/s and reading the weights at
+        # the stage's own rate plus the I/O at 10 GB/s.
+        memory = (cost.weight_bytes + cost.streamed_bytes) / (weight_rate * 1e9) + cost.io_bytes_per_item / 10e9
+        return max(cost.flops_per_item / 100e9, memory)
+
+    expected = by_hand(costs["text"], 40.0) + by_hand(costs["search"], 5.0)
     assert fraction["limit_ms_per_item"] == pytest.approx(expected * 1e3)
+    # One blended end-to-end rate would give another, wrong answer.
+    assert not fraction["limit_ms_per_item"] == pytest.approx(limit_seconds("end-to-end", costs["end-to-end"], 1,
+                                                                            peaks)[0] * 1e3)
 
 
 def test_weight_bytes_match_the_exported_parameters():
     from galr.bench.limits import encoder_costs
+
     from galr.config import GaLRConfig
     from galr.model import GaLR
 

@@ -6,9 +6,16 @@ import pytest
 import torch
 
 from galr.config import GaLRConfig
-from galr.model import GaLR, CheckpointError, load_checkpoint, save_checkpoint
-from galr.preprocess.text import Vocabulary
-from tests.original_reference import original_layout_state, reference_image, reference_text
+from galr.model import CheckpointError, GaLR, load_checkpoint, save_checkpoint
+from galr.preprocess.drea import DREAConfig
+from galr.preprocess.image import ImagePreprocessConfig
+from galr.preprocess.spec import PreprocessSpec
+from galr.preprocess.text import DEFAULT_MAX_TEXT_LENGTH, Vocabulary
+from tests.original_reference import (
+    original_layout_state,
+    reference_image,
+    reference_text,
+)
 
 torch.set_grad_enabled(False)
 
@@ -42,13 +49,17 @@ def test_authors_checkpoint_gives_reference_embeddings(tmp_path, prefix):
     torch.testing.assert_close(loaded.model.encode_text(tokens), reference_text(tokens, state), atol=1e-5, rtol=0)
 
 
-def test_from_checkpoint_classmethod_and_vocab_path(tmp_path):
+def test_authors_checkpoint_with_a_vocab_path_gets_the_original_preprocessing(tmp_path):
     config = GaLRConfig.small(vocab_size=12)
     path, _ = _authors_file(tmp_path, config)
     vocab_path = tmp_path / "vocab.json"
     _vocab(12).save(vocab_path)
-    model = GaLR.from_checkpoint(path, vocab=vocab_path)
-    assert isinstance(model, GaLR) and not model.training
+    loaded = load_checkpoint(path, vocab=vocab_path)
+    assert isinstance(loaded.model, GaLR) and not loaded.model.training
+    # Resolved once, from the model: the original transform at its input size, its DREA node count.
+    assert loaded.spec == PreprocessSpec.for_model(config)
+    assert (loaded.spec.image.size, loaded.spec.drea.num_objects) == (config.image_size, config.num_objects)
+    assert loaded.spec.max_text_length == DEFAULT_MAX_TEXT_LENGTH
 
 
 def test_cuda_saved_tensors_load_on_cpu(tmp_path, monkeypatch):
@@ -101,11 +112,11 @@ def test_own_format_round_trip_is_self_describing(tmp_path):
     config = GaLRConfig.small(vocab_size=12)
     model = GaLR(config).eval()
     vocab = _vocab(12)
-    path = save_checkpoint(tmp_path / "m.galr.pt", model, vocab, preprocess={"size": 64}, drea={"num_objects": 20},
-                           metadata={"epoch": 3})
+    spec = PreprocessSpec(ImagePreprocessConfig(size=64, interpolation="bicubic"), DREAConfig(min_score=0.5), 40)
+    path = save_checkpoint(tmp_path / "m.galr.pt", model, vocab, spec=spec, metadata={"epoch": 3})
     loaded = load_checkpoint(path)
     assert loaded.source_format == "galr" and loaded.vocab.word2idx == vocab.word2idx
-    assert loaded.preprocess == {"size": 64} and loaded.metadata == {"epoch": 3}
+    assert loaded.spec == spec and loaded.metadata == {"epoch": 3}
     tokens = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(loaded.model.encode_text(tokens), model.encode_text(tokens))
     assert not list(tmp_path.glob("*.tmp"))

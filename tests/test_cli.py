@@ -16,7 +16,7 @@ from galr import paths
 from galr.cli import demo_main, demo_stamp_path, eval_main, synth_main, train_main
 from galr.config import GaLRConfig
 from galr.model import GaLR, save_checkpoint
-from galr.preprocess.image import ImagePreprocessConfig
+from galr.preprocess.spec import PreprocessSpec
 from galr.preprocess.local_file import LocalFeatureTable, save_local_file
 from galr.preprocess.text import Vocabulary
 from galr.synthetic.benchmark import BenchmarkConfig, BenchmarkInfo
@@ -31,7 +31,7 @@ def untrained_checkpoint(tiny_benchmark, tmp_path_factory) -> Path:  # noqa: F81
     vocab = Vocabulary.load(tiny_benchmark / "vocab.json")
     model = GaLR(GaLRConfig.small(vocab_size=vocab.max_id))
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    return save_checkpoint(path, model, vocab, preprocess=ImagePreprocessConfig(size=64).to_dict())
+    return save_checkpoint(path, model, vocab, spec=PreprocessSpec.for_model(model.config))
 
 
 def invoke(command, args):
@@ -245,8 +245,10 @@ def test_demo_writes_example_queries_once(demo_world):
 
 
 def test_demo_reports_user_errors_with_exit_code_2(demo_world, monkeypatch):
+    from galr.data import DatasetError
+
     def broken(*args, **kwargs):
-        raise ValueError("dataset folder not found: galr-demo/benchmark")
+        raise DatasetError("dataset folder not found: galr-demo/benchmark")
 
     monkeypatch.setattr("galr.torch_encoder.evaluate_checkpoint", broken)
     result = invoke(demo_main, ["--quiet"])

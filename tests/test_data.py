@@ -7,7 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from galr.data import DatasetError, DatasetPaths, RetrievalSplit, kfold_splits, load_split, write_split
+from galr.data import (
+    DatasetError,
+    DatasetPaths,
+    RetrievalSplit,
+    kfold_splits,
+    load_split,
+    write_split,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

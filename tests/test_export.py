@@ -6,17 +6,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from galr.export import pipeline
+from galr.export.onnx_export import export_all, export_graph
+from galr.runtime.encoders import load_engine
 from onnx import numpy_helper
 
 from galr import graphs
+from galr.bundle import read_bundle
 from galr.config import GaLRConfig
-from galr.export import pipeline
-from galr.export.onnx_export import export_all, export_graph
-from galr.export.parity import ParityError, compare
 from galr.model import GaLR, save_checkpoint
 from galr.preprocess.text import Vocabulary
-from galr.runtime.bundle import read_bundle
-from galr.runtime.encoders import load_engine
+from galr.retrieval.parity import ParityError, compare
 
 torch.set_grad_enabled(False)
 
@@ -59,16 +59,20 @@ def test_export_writes_a_gated_bundle_that_serves_like_pytorch(small_checkpoint,
     assert manifest["vocab"]["word2idx"] == vocab.word2idx and GaLRConfig.from_dict(manifest["model"]) == model.config
     assert manifest["provenance"]["checkpoint_format"] == "galr" and manifest["reports"]["parity"]
     assert set(manifest["toolchain"]) >= {"galr", "torch", "onnx", "onnxruntime"}
+    from galr.model import load_checkpoint
 
-    engine = load_engine(out, backend="onnxruntime", device="cpu", precision="fp32")
+    assert bundle.spec == load_checkpoint(path).spec  # the preprocessing travels from checkpoint to bundle
+
+    encoders = load_engine(out, backend="onnxruntime", device="cpu", precision="fp32")
     captions = ["word1 word2 word3", "word7 the word9"]
-    tokens = engine.tokenizer.encode_batch(captions).tokens
-    np.testing.assert_allclose(engine.encode_text(captions), model.encode_text(torch.from_numpy(tokens)).numpy(), atol=1e-5)
+    tokens = encoders.tokenizer.encode_batch(captions).tokens
+    np.testing.assert_allclose(encoders.encode_text(captions), model.encode_text(torch.from_numpy(tokens)).numpy(),
+                               atol=1e-5)
     rng = np.random.default_rng(1)
     images = rng.standard_normal((3, 3, 64, 64)).astype(np.float32)
     rep, adj = rng.random((3, 20, 20), dtype=np.float32), rng.random((3, 20, 20), dtype=np.float32) / 20
     expected = model.encode_image(torch.from_numpy(images), torch.from_numpy(rep), torch.from_numpy(adj)).numpy()
-    np.testing.assert_allclose(engine.encode_images(images, local=(rep, adj)), expected, atol=1e-5)
+    np.testing.assert_allclose(encoders.encode_images(images, local=(rep, adj)), expected, atol=1e-5)
     half = load_engine(out, backend="onnxruntime", device="cpu", precision="fp16")
     assert compare(expected, half.encode_images(images, local=(rep, adj))).min_cosine >= 0.999
 
@@ -107,6 +111,31 @@ def test_parity_gate_fails_loudly_on_a_perturbed_graph_and_writes_nothing(small_
     with pytest.raises(ParityError, match="local"):
         pipeline.export_bundle(pipeline.ExportSettings(checkpoint=path, output=out, tensorrt="no"), log=lambda _: None)
     assert out.read_bytes() == b"previous bundle"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["galr.plan"]
+
+
+def test_export_writes_the_bundle_once_with_a_shareable_mode(small_checkpoint, tmp_path, monkeypatch):
+    import os
+
+    from galr import atomic
+
+    path, _, _ = small_checkpoint
+    writes = []
+    real = atomic.atomic_output
+
+    def counting(target):
+        writes.append(str(target))
+        return real(target)
+
+    monkeypatch.setattr("galr.container.atomic_output", counting)
+    previous = os.umask(0o022)
+    try:
+        out = tmp_path / "galr.plan"
+        pipeline.export_bundle(pipeline.ExportSettings(checkpoint=path, output=out, tensorrt="no"), log=lambda _: None)
+    finally:
+        os.umask(previous)
+    assert writes == [str(out)]  # gates ran on the bundle in memory; the file was written once
+    assert out.stat().st_mode & 0o777 == 0o644  # 0666 & ~umask, as any new file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["galr.plan"]
 
 

@@ -12,21 +12,26 @@ from typing import Any, Sequence
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from galr.preprocess.image import load_image
-from galr.runtime import index as index_module
 from galr.runtime.index import (
+    SEARCHERS,
     GalleryIndex,
     ImageRecord,
     IndexFormatError,
     IndexModelMismatchError,
+    Searcher,
     build_index,
     image_id,
     iter_image_files,
     load_index,
-    read_text_lines,
 )
+from galr.runtime.index.searchers import exact as exact_module
+from PIL import Image
+
+from galr.container import ContainerWriter
+from galr.errors import InputError, NotFoundError
+from galr.preprocess.image import load_image
+from galr.preprocess.spec import PreprocessSpec
+from galr.preprocess.text import TextLine, read_text_lines
 
 DIM = 8
 MODEL = "fake-model-0001"
@@ -47,6 +52,7 @@ class FakeEngine:
     """Deterministic unit vectors from the pixels (images) or the text's SHA-256 (captions)."""
 
     embed_dim = DIM
+    spec = PreprocessSpec()
 
     def __init__(self, model_hash: str = MODEL) -> None:
         self.model_hash = model_hash
@@ -174,8 +180,10 @@ def test_add_refuses_existing_ids_unless_replace():
     assert len(index) == 3  # nothing half-added
     index.add(records_for(["img001.png", "fresh.png"]), new, replace=True)
     assert index.ids == ["img000.png", "img001.png", "img002.png", "fresh.png"]
-    np.testing.assert_array_equal(index.embeddings[1], new[0])
-    np.testing.assert_array_equal(index.embeddings[3], new[1])
+    vectors = index.image_vectors()
+    np.testing.assert_array_equal(vectors[1], new[0])
+    np.testing.assert_array_equal(vectors[3], new[1])
+    assert [index.key_of(i) for i in index.ids] == [0, 1, 2, 3]  # the replaced image kept its key
 
 
 def test_add_refuses_ids_repeated_in_one_call():
@@ -188,24 +196,25 @@ def test_update_replaces_in_place_and_refuses_unknown_ids():
     index = make_index(3)
     replacement = random_unit(1, seed=9)
     index.update([ImageRecord("img002.png", "/new/path.png", 8, 8)], replacement)
-    assert index.get("img002.png").path == "/new/path.png" and index.position("img002.png") == 2
-    np.testing.assert_array_equal(index.embeddings[2], replacement[0])
+    assert index.get("img002.png").path == "/new/path.png" and index.key_of("img002.png") == 2
+    np.testing.assert_array_equal(index.image_vectors()[2], replacement[0])
     with pytest.raises(KeyError, match="ghost.png"):
         index.update(records_for(["ghost.png"]), random_unit(1))
 
 
-def test_remove_compacts_rows_and_names_unknown_ids():
+def test_remove_keeps_keys_and_order_and_names_unknown_ids():
     index = make_index(5)
-    before = index.embeddings.copy()
+    before = index.image_vectors()
     with pytest.raises(KeyError, match="ghost"):
         index.remove(["img001.png", "ghost"])
     assert len(index) == 5  # all-or-nothing
     index.remove(["img001.png", "img003.png"])
     assert index.ids == ["img000.png", "img002.png", "img004.png"]
-    np.testing.assert_array_equal(index.embeddings, before[[0, 2, 4]])
-    assert index.position("img004.png") == 2
-    index.add(records_for(["img001.png"]), before[1:2])  # a removed id can come back
-    assert index.ids[-1] == "img001.png"
+    np.testing.assert_array_equal(index.image_vectors(), before[[0, 2, 4]])
+    assert [index.key_of(i) for i in index.ids] == [0, 2, 4]  # keys are stable
+    index.add(records_for(["img001.png"]), before[1:2])  # a removed id can come back, under a new key
+    assert index.ids[-1] == "img001.png" and index.key_of("img001.png") == 5
+    assert index.record(5).id == "img001.png"
 
 
 @pytest.mark.parametrize(
@@ -223,10 +232,10 @@ def test_add_validates_embeddings(embeddings, error, message):
         make_index(0).add(records_for(["a", "b"]), embeddings)
 
 
-def test_embeddings_view_is_read_only():
+def test_stored_vectors_are_read_only():
     index = make_index(2)
     with pytest.raises(ValueError):
-        index.embeddings[0, 0] = 1.0
+        index.images.vectors[0, 0] = 1.0
 
 
 def test_text_bank_add_and_replace():
@@ -234,7 +243,8 @@ def test_text_bank_add_and_replace():
     index.add_text_bank(["a ship", "a road"], random_unit(2, seed=1))
     index.add_text_bank(["a farm"], random_unit(1, seed=2))
     assert index.text_bank_texts == ["a ship", "a road", "a farm"]
-    assert index.text_bank_embeddings.shape == (3, DIM) and index.text_bank_embeddings.dtype == np.float32
+    bank = index.text_bank_vectors()
+    assert bank.shape == (3, DIM) and bank.dtype == np.float32 and index.bank_text(2) == "a farm"
     index.add_text_bank(["only"], random_unit(1, seed=3), replace=True)
     assert index.text_bank_texts == ["only"]
     with pytest.raises(ValueError, match="non-empty"):
@@ -251,9 +261,9 @@ def test_search_equals_brute_force(k, block_rows):
     index = make_index(57, seed=1)
     queries = random_unit(6, seed=2)
     result = index.search(queries, k, device="cpu", block_rows=block_rows)
-    expected_indices, expected_scores = brute_force(index.embeddings, queries, k)
-    assert result.indices.dtype == np.int64 and result.scores.dtype == np.float32
-    assert result.indices.tolist() == expected_indices
+    expected_indices, expected_scores = brute_force(index.image_vectors(), queries, k)
+    assert result.keys.dtype == np.int64 and result.scores.dtype == np.float32
+    assert result.keys.tolist() == expected_indices  # keys are positions in a fresh index
     np.testing.assert_allclose(result.scores, expected_scores, atol=1e-6)
     assert result.ids == [[index.ids[i] for i in row] for row in expected_indices]
 
@@ -272,16 +282,16 @@ def test_search_breaks_ties_by_gallery_position(block_rows):
     for k in (1, 9, 25, 40):
         result = index.search(queries, k, device="cpu", block_rows=block_rows)
         expected, _ = brute_force(gallery, queries, k)
-        assert result.indices.tolist() == expected
+        assert result.keys.tolist() == expected
 
 
 def test_search_of_fp16_gallery_scores_the_stored_values():
     index = make_index(30, storage="fp16", seed=4)
-    assert index.embeddings.dtype == np.float16
+    assert index.images.vectors.dtype == np.float16
     queries = random_unit(4, seed=5)
     result = index.search(queries, 10, device="cpu", block_rows=8)
-    expected, scores = brute_force(index.embeddings, queries, 10)
-    assert result.indices.tolist() == expected
+    expected, scores = brute_force(index.images.vectors, queries, 10)
+    assert result.keys.tolist() == expected
     np.testing.assert_allclose(result.scores, scores, atol=1e-6)
 
 
@@ -300,7 +310,7 @@ def test_search_of_empty_index_and_bad_arguments():
 def test_similarity_matrix_is_the_full_product():
     index = make_index(23, storage="fp16", seed=6)
     queries = random_unit(5, seed=7)
-    expected = queries @ index.embeddings.astype(np.float32).T
+    expected = queries @ index.image_vectors().T
     for block_rows in (None, 4):
         matrix = index.similarity_matrix(queries, device="cpu", block_rows=block_rows)
         assert matrix.dtype == np.float32 and matrix.shape == (5, 23)
@@ -309,11 +319,11 @@ def test_similarity_matrix_is_the_full_product():
 
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed; this checks its absence")
 def test_cuda_search_without_cupy_says_what_is_missing():
-    from galr.runtime.backends.device import BackendUnavailableError
+    from galr.runtime.backends.base import BackendUnavailableError
 
     with pytest.raises(BackendUnavailableError, match="CuPy"):
         make_index(3).search(random_unit(1), 1, device="cuda")
-    assert make_index(3).search(random_unit(1), 2, device="auto").indices.shape == (1, 2)
+    assert make_index(3).search(random_unit(1), 2, device="auto").keys.shape == (1, 2)
 
 
 def test_device_copy_of_the_gallery_follows_edits(monkeypatch):
@@ -333,7 +343,7 @@ def test_device_copy_of_the_gallery_follows_edits(monkeypatch):
             FakeDevice.copies += 1
             return np.array(values).view(FakeDeviceArray)
 
-    monkeypatch.setattr(index_module, "_array_module", lambda device: np if device == "cpu" else FakeDevice())
+    monkeypatch.setattr(exact_module, "array_module", lambda device: np if device == "cpu" else FakeDevice())
     index = make_index(20, seed=16)
     queries = random_unit(3, seed=17)
     first = index.search(queries, 4, device="cuda", block_rows=6)
@@ -349,14 +359,15 @@ def test_device_copy_of_the_gallery_follows_edits(monkeypatch):
 @pytest.mark.gpu
 def test_cuda_search_equals_cpu_search():
     index = make_index(300, storage="fp16", seed=8)
-    index.add(records_for(["dup-a", "dup-b"]), np.repeat(index.embeddings[:1].astype(np.float32), 2, axis=0))
-    queries = np.concatenate([random_unit(7, seed=9), index.embeddings[:1].astype(np.float32)])
+    first = index.images.vectors[:1].astype(np.float32)
+    index.add(records_for(["dup-a", "dup-b"]), np.repeat(first, 2, axis=0))
+    queries = np.concatenate([random_unit(7, seed=9), first])
     for block_rows in (None, 17):
         gpu = index.search(queries, 12, device="cuda", block_rows=block_rows)
         cpu = index.search(queries, 12, device="cpu", block_rows=block_rows)
         np.testing.assert_allclose(gpu.scores, cpu.scores, atol=1e-5)
         assert gpu.ids[:-1] == cpu.ids[:-1]
-        assert gpu.indices[-1, :3].tolist() == [0, 300, 301]  # three equal best scores, by position
+        assert gpu.keys[-1, :3].tolist() == [0, 300, 301]  # three equal best scores, by gallery order
     np.testing.assert_allclose(index.similarity_matrix(queries, device="cuda"),
                                index.similarity_matrix(queries, device="cpu"), atol=1e-5)
 
@@ -377,11 +388,12 @@ def _saved(tmp_path: Path, storage: str = "fp32") -> tuple[GalleryIndex, Path]:
 def test_save_and_load_round_trip(tmp_path, storage):
     index, path = _saved(tmp_path, storage)
     loaded = load_index(path, expected_model_hash=MODEL)
-    assert loaded.storage == storage and loaded.embeddings.dtype == index.embeddings.dtype
-    np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
-    assert loaded.records == index.records and loaded.ids == index.ids
+    assert loaded.storage == storage and loaded.images.vectors.dtype == index.images.vectors.dtype
+    np.testing.assert_array_equal(loaded.images.vectors, index.images.vectors)
+    np.testing.assert_array_equal(loaded.images.keys, index.images.keys)
+    assert loaded.records == index.records and loaded.ids == index.ids and loaded.next_key == index.next_key
     assert loaded.text_bank_texts == index.text_bank_texts
-    np.testing.assert_array_equal(loaded.text_bank_embeddings, index.text_bank_embeddings)
+    np.testing.assert_array_equal(loaded.text_bank_vectors(), index.text_bank_vectors())
     assert (loaded.model_hash, loaded.embed_dim, loaded.built_with) == (MODEL, DIM, "fake.plan")
     assert (loaded.created, loaded.updated, loaded.galr_version) == (index.created, index.updated, index.galr_version)
     queries = random_unit(3, seed=13)
@@ -398,7 +410,9 @@ def test_saved_members_are_listed_with_hashes(tmp_path):
         for name, entry in header["members"].items():
             assert hashlib.sha256(archive.read(name)).hexdigest() == entry["sha256"]
     assert (header["format"], header["format_version"], header["count"], header["text_bank_count"]) == \
-        ("galr-index", 1, 13, 2)
+        ("galr-index", 2, 13, 2)
+    assert header["searchers"]["images"] == {"kind": "exact", "storage": "fp32", "count": 13, "params": {}}
+    assert {"images/keys.npy", "images/vectors.npy", "text_bank/vectors.npy"} <= set(header["members"])
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("disk full"), KeyboardInterrupt()])
@@ -406,14 +420,14 @@ def test_failed_save_keeps_the_previous_index(tmp_path, monkeypatch, failure):
     index, path = _saved(tmp_path)
     before = path.read_bytes()
     index.add(records_for(["new.png"]), random_unit(1, seed=15))
-    original = index_module._write_json_member
+    original = ContainerWriter.write_json
 
-    def fail_midway(archive, name, payload):
+    def fail_midway(writer, name, payload, **kwargs):
         if name == "records.json":  # after the embeddings were written
             raise failure
-        return original(archive, name, payload)
+        return original(writer, name, payload, **kwargs)
 
-    monkeypatch.setattr(index_module, "_write_json_member", fail_midway)
+    monkeypatch.setattr(ContainerWriter, "write_json", fail_midway)
     with pytest.raises(type(failure)):
         index.save(path)
     assert path.read_bytes() == before
@@ -449,11 +463,11 @@ def _object_npy() -> bytes:
         (lambda p: _rewrite(p, {}, {"format_version": 99}), "version 99 is not supported"),
         (lambda p: _rewrite(p, {}, {"format": "something-else"}), "not a galr index"),
         (lambda p: _rewrite(p, {"header.json": None}), "no header.json"),
-        (lambda p: _rewrite(p, {}, {"count": "many"}), "invalid model_hash, sizes"),
-        (lambda p: _rewrite(p, {}, {"count": 3}), r"embeddings.npy is float32 \(13, 8\), the header says"),
-        (lambda p: _rewrite(p, {"text_bank.json": None}), r"members \['text_bank.json'\] are missing"),
-        (lambda p: _rewrite(p, {"records.json": b"[]"}), "records.json fails its SHA-256"),
-        (lambda p: _rewrite(p, {"embeddings.npy": _object_npy()}), "embeddings.npy cannot be parsed"),
+        (lambda p: _rewrite(p, {}, {"count": "many"}), "count must be a non-negative integer"),
+        (lambda p: _rewrite(p, {}, {"count": 3}), "no valid 'images' searcher entry"),
+        (lambda p: _rewrite(p, {"text_bank.json": None}), r"member 'text_bank.json' is missing"),
+        (lambda p: _rewrite(p, {"records.json": b"[]"}), r"member 'records.json' is 2 bytes, the table says"),
+        (lambda p: _rewrite(p, {"images/vectors.npy": _object_npy()}), "member 'images/vectors.npy' is"),
     ],
 )
 def test_damaged_files_are_refused_with_the_path(tmp_path, damage, message):
@@ -467,7 +481,7 @@ def test_damaged_files_are_refused_with_the_path(tmp_path, damage, message):
 def test_flipped_byte_in_the_embeddings_is_detected(tmp_path):
     index, path = _saved(tmp_path)
     data = bytearray(path.read_bytes())
-    needle = index.embeddings[5].tobytes()
+    needle = index.images.vectors[5].tobytes()
     offset = bytes(data).index(needle)
     data[offset + 3] ^= 0x40
     path.write_bytes(bytes(data))
@@ -476,7 +490,7 @@ def test_flipped_byte_in_the_embeddings_is_detected(tmp_path):
 
 
 def test_missing_file_and_model_mismatch(tmp_path):
-    with pytest.raises(FileNotFoundError, match="galr-index"):
+    with pytest.raises(NotFoundError, match="galr-index"):
         load_index(tmp_path / "absent.gidx")
     _, path = _saved(tmp_path)
     with pytest.raises(IndexModelMismatchError, match=r"fake\.plan.*galr-index IMAGES --engine <bundle> -o"):
@@ -493,14 +507,14 @@ def test_iter_image_files_is_recursive_case_insensitive_and_sorted(tmp_path):
         (tmp_path / name).write_bytes(b"")
     found = [p.relative_to(tmp_path).as_posix() for p in iter_image_files(tmp_path)]
     assert found == ["a.jpg", "b.PNG", "e.bmp", "f.tiff", "sub/c.TIF", "sub/deeper/d.jpeg"]
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(InputError, match="not a folder"):
         iter_image_files(tmp_path / "a.jpg")
 
 
 def test_read_text_lines_skips_blanks_and_comments(tmp_path):
     path = tmp_path / "captions.txt"
     path.write_text("\ufeff# header\nships in a harbour\n\n   \n  # indented comment\n a dense forest \n", encoding="utf-8")
-    assert read_text_lines(path) == ["ships in a harbour", "a dense forest"]
+    assert read_text_lines(path) == [TextLine(2, "ships in a harbour"), TextLine(6, "a dense forest")]
 
 
 def test_image_id_is_relative_to_the_root(tmp_path):
@@ -526,7 +540,7 @@ def test_build_index_skips_broken_images_and_keeps_their_batch(tmp_path):
     assert index.get("a.png").path == str(good[0].resolve())
     assert index.model_hash == MODEL and index.storage == "fp16" and index.built_with == "fake.plan"
     expected = np.concatenate([engine.encode_images([p]) for p in good]).astype(np.float16)
-    np.testing.assert_array_equal(index.embeddings, expected)
+    np.testing.assert_array_equal(index.images.vectors, expected)
 
 
 def test_build_index_passes_local_through_and_skips_images_missing_from_a_table(tmp_path):
@@ -549,7 +563,7 @@ def test_build_index_passes_local_through_and_skips_images_missing_from_a_table(
     detections.mkdir()
     build_index(engine, paths, local=detections, progress=False)
     assert engine.calls[-1][1] == detections
-    with pytest.raises(NotADirectoryError, match="detections folder"):
+    with pytest.raises(NotFoundError, match="detections folder"):
         build_index(engine, paths, local=tmp_path / "missing", progress=False)
 
 
@@ -557,3 +571,55 @@ def test_build_index_refuses_repeated_ids(tmp_path):
     path = write_image(tmp_path / "a.png", 1)
     with pytest.raises(ValueError, match="occur twice"):
         build_index(FakeEngine(), [path, path], progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The search seam
+
+
+def test_both_sides_of_an_index_are_searchers():
+    index = make_index(4)
+    index.add_text_bank(["a ship"], random_unit(1, seed=3))
+    assert isinstance(index.images, Searcher) and isinstance(index.text_bank, Searcher)
+    assert index.images.kind in SEARCHERS and index.text_bank.kind in SEARCHERS
+
+
+def test_an_unknown_searcher_kind_is_refused_with_the_known_ones(tmp_path):
+    with pytest.raises(InputError, match="unknown searcher 'annoy'.*exact"):
+        GalleryIndex(MODEL, DIM, searcher="annoy")
+    _, path = _saved(tmp_path)
+    header = json.loads(zipfile.ZipFile(path).read("header.json"))
+    header["searchers"]["images"]["kind"] = "annoy"
+    _rewrite(path, {}, {"searchers": header["searchers"]})
+    with pytest.raises(InputError, match="unknown searcher 'annoy'"):
+        load_index(path)
+
+
+def test_a_version_1_index_still_opens(tmp_path):
+    """The pre-searcher layout: one embeddings.npy and text_bank.npy, keys implied by position."""
+    index, _ = _saved(tmp_path)
+    path = tmp_path / "v1.gidx"
+
+    def npy(array: np.ndarray) -> bytes:
+        stream = io.BytesIO()
+        np.save(stream, array, allow_pickle=False)
+        return stream.getvalue()
+
+    members = {"embeddings.npy": npy(index.images.vectors), "text_bank.npy": npy(index.text_bank.vectors),
+               "records.json": json.dumps([r.to_dict() for r in index.records]).encode(),
+               "text_bank.json": json.dumps(index.text_bank_texts).encode()}
+    header = {"format": "galr-index", "format_version": 1, "model_hash": MODEL, "embed_dim": DIM, "storage": "fp32",
+              "count": len(index), "text_bank_count": 2,
+              "members": {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+                          for name, data in members.items()}}
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+        archive.writestr("header.json", json.dumps(header))
+    old = load_index(path, expected_model_hash=MODEL)
+    assert old.ids == index.ids and old.text_bank_texts == index.text_bank_texts
+    np.testing.assert_array_equal(old.image_vectors(), index.image_vectors())
+    queries = random_unit(2, seed=21)
+    assert old.search(queries, 4, device="cpu").ids == index.search(queries, 4, device="cpu").ids
+    old.save(path)  # saving writes the current version
+    assert json.loads(zipfile.ZipFile(path).read("header.json"))["format_version"] == 2

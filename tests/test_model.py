@@ -9,7 +9,11 @@ from galr.config import GaLRConfig
 from galr.model import GaLR
 from galr.model.checkpoint import convert_original_state
 from galr.model.layers import LayerNorm, MHAtt, l2norm
-from tests.original_reference import original_layout_state, reference_image, reference_text
+from tests.original_reference import (
+    original_layout_state,
+    reference_image,
+    reference_text,
+)
 
 torch.set_grad_enabled(False)
 

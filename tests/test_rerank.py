@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import galr.retrieval.rerank as rerank_module
 from galr.bench.mr_reference import i2t_rerank_optim, t2i_rerank_optim
+
+import galr.retrieval._rerank_fast as fast_module
+import galr.retrieval._rerank_sort as sort_module
 from galr.config import RerankConfig
 from galr.retrieval.rerank import (
     candidate_count,
@@ -254,11 +255,11 @@ def _both_orientations(sim: np.ndarray) -> list[np.ndarray]:
 
 
 def _assert_paths_agree(sim: np.ndarray, k: int, block_elements: int = 1 << 22) -> None:
-    found = rerank_module._survivor_statistics(sim, k, block_elements=block_elements)
+    found = fast_module.survivor_statistics(sim, k, block_elements=block_elements)
     assert found is not None, "the survivor path gave up"
     cand, values, reverse_ranks, column_sums = found
     rows = max(1, block_elements // sim.shape[1])
-    expected_cand, expected_values, expected_ranks = rerank_module._sorted_statistics(np, sim, k, rows=rows)
+    expected_cand, expected_values, expected_ranks = sort_module.sorted_statistics(np, sim, k, rows=rows)
     np.testing.assert_array_equal(cand, expected_cand)
     np.testing.assert_array_equal(values, expected_values)
     np.testing.assert_array_equal(reverse_ranks, expected_ranks)
@@ -277,7 +278,7 @@ def test_survivor_path_equals_the_sort_path(shape, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_survivor_path_resolves_ties_and_low_queries_exactly(kind, dtype, monkeypatch):
     calls = {"redone": 0, "argsorted_columns": 0}
-    exact_forward, reverse_positions = rerank_module._exact_forward, rerank_module._reverse_positions
+    exact_forward, reverse_positions = fast_module._exact_forward, fast_module.reverse_positions
 
     def spy_forward(sim, queries, *args, **kwargs):
         calls["redone"] += queries.size
@@ -287,8 +288,8 @@ def test_survivor_path_resolves_ties_and_low_queries_exactly(kind, dtype, monkey
         calls["argsorted_columns"] += 1
         return reverse_positions(*args, **kwargs)
 
-    monkeypatch.setattr(rerank_module, "_exact_forward", spy_forward)
-    monkeypatch.setattr(rerank_module, "_reverse_positions", spy_reverse)
+    monkeypatch.setattr(fast_module, "_exact_forward", spy_forward)
+    monkeypatch.setattr(fast_module, "reverse_positions", spy_reverse)
     sim = _hard_matrix(kind, dtype)
     for view in _both_orientations(sim):
         _assert_paths_agree(view, k=10)
@@ -320,7 +321,7 @@ def test_small_blocks_do_not_change_the_survivor_path():
 
 def test_tie_heavy_matrices_hand_over_to_the_sort_path():
     sim = _matrix((40, 160), "ties64", seed=1)
-    assert rerank_module._survivor_statistics(sim, 30, block_elements=1 << 22) is None
+    assert fast_module.survivor_statistics(sim, 30, block_elements=1 << 22) is None
     assert _max_diff(rerank_i2t(sim, CONFIG), _loop_mr(sim, CONFIG)) <= TOLERANCE
 
 
@@ -345,7 +346,7 @@ def test_pairwise_column_sums_match_numpy_per_column(dtype):
             def record(first: int, rows: np.ndarray) -> None:
                 runs.append((first, len(rows)))
 
-            sums = rerank_module._pairwise_column_sums(matrix, record, step=step)
+            sums = sort_module.pairwise_column_sums(matrix, record, step=step)
             np.testing.assert_array_equal(sums, [np.sum(matrix[:, j]) for j in range(13)])
             assert np.signbit(sums[0]) == np.signbit(np.sum(matrix[:, 0]))
             assert [first for first, _ in runs] == list(np.cumsum([0] + [size for _, size in runs])[:-1])
@@ -358,18 +359,18 @@ def test_true_positions_equal_flatnonzero(size):
     for density in (0.0, 0.004, 0.05, 0.5, 1.0):
         mask = rng.random(size) < density
         for sparse in (True, False):
-            np.testing.assert_array_equal(rerank_module._true_positions(mask, sparse=sparse), np.flatnonzero(mask))
+            np.testing.assert_array_equal(fast_module._true_positions(mask, sparse=sparse), np.flatnonzero(mask))
     grid = rng.random((37, 91)) < 0.03
-    np.testing.assert_array_equal(rerank_module._true_positions(grid, sparse=True), np.flatnonzero(grid))
+    np.testing.assert_array_equal(fast_module._true_positions(grid, sparse=True), np.flatnonzero(grid))
 
 
 def test_grouped_order_lexsort_fallback_equals_packed_sort():
     rng = np.random.default_rng(6)
     groups = rng.integers(0, 50, 5000)
     keys = rng.integers(0, 40, 5000).astype(np.uint32)  # many equal (group, key) pairs
-    packed_order, packed_heads = rerank_module._grouped_order(groups, keys, 50)
+    packed_order, packed_heads = fast_module._grouped_order(groups, keys, 50)
     # A group count too large for the 64-bit packing takes the lexsort branch.
-    lexsort_order, lexsort_heads = rerank_module._grouped_order(groups, keys, 1 << 40)
+    lexsort_order, lexsort_heads = fast_module._grouped_order(groups, keys, 1 << 40)
     np.testing.assert_array_equal(packed_order, lexsort_order)
     np.testing.assert_array_equal(packed_heads, lexsort_heads)
     np.testing.assert_array_equal(packed_order, np.lexsort((keys, groups)))
@@ -382,6 +383,6 @@ def test_argsort_rows_equals_numpy_argsort_with_and_without_ties(highest):
     # come out exactly as np.argsort orders them, the others in plain value order.
     rng = np.random.default_rng(highest)
     ranks = rng.integers(0, highest, (400, 30)).astype(np.float64)
-    np.testing.assert_array_equal(rerank_module._argsort_rows(ranks), np.argsort(ranks, axis=1))
+    np.testing.assert_array_equal(sort_module.argsort_rows(ranks), np.argsort(ranks, axis=1))
     huge = np.full((2, 3), 2.0**61)  # keys would overflow int64: numpy's argsort runs
-    np.testing.assert_array_equal(rerank_module._argsort_rows(huge), np.argsort(huge, axis=1))
+    np.testing.assert_array_equal(sort_module.argsort_rows(huge), np.argsort(huge, axis=1))

@@ -33,7 +33,12 @@ from galr.synthetic import (
     sample_scene,
     sample_split,
 )
-from galr.synthetic.captions import CLASS_NOUNS, COVER_WORDS, VOCAB_STOPWORDS, spatial_relations
+from galr.synthetic.captions import (
+    CLASS_NOUNS,
+    COVER_WORDS,
+    VOCAB_STOPWORDS,
+    spatial_relations,
+)
 from galr.synthetic.detector import box_iou
 
 SMALL = BenchmarkConfig(seed=7, n_train=6, n_val=2, n_test=2, image_size=128)

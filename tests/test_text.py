@@ -7,7 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from galr.preprocess.text import PUNCTUATION, Tokenizer, Vocabulary, VocabularyError, tokenize
+from galr.preprocess.text import (
+    PUNCTUATION,
+    Tokenizer,
+    Vocabulary,
+    VocabularyError,
+    tokenize,
+)
 
 
 def test_documented_example_tokenises_like_the_original(shared_data):

@@ -159,7 +159,7 @@ def test_checkpoints_carry_config_metadata_and_best_by_validation(trained):
     loaded = load_checkpoint(trained.checkpoint)
     assert loaded.metadata["epoch"] == 4
     assert TrainConfig.from_dict(loaded.metadata["train_config"]).epochs == 4
-    assert loaded.preprocess["size"] == loaded.model.config.image_size
+    assert loaded.spec.image.size == loaded.model.config.image_size
     assert [r.val is not None for r in trained.history] == [False, True, False, True]
     best = max((r for r in trained.history if r.val), key=lambda r: r.val["mean_recall"])
     assert trained.best_epoch == best.epoch and trained.best_checkpoint == best_path(trained.checkpoint)

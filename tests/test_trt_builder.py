@@ -9,11 +9,6 @@ import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx", reason="the builder tests make tiny ONNX graphs with the onnx package")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-
-from tests import fake_tensorrt  # noqa: E402
-from tests.fake_tensorrt import V10, V11, called, make_fake_tensorrt  # noqa: E402
-from galr.config import GaLRConfig  # noqa: E402
 from galr.export.tensorrt import (  # noqa: E402
     DEFAULT_WORKSPACE_BYTES,
     TensorRTBuildConfig,
@@ -23,10 +18,16 @@ from galr.export.tensorrt import (  # noqa: E402
     onnx_precision,
     plan_typing,
 )
-from galr.graphs import GRAPH_NAMES, graph_io  # noqa: E402
 from galr.runtime.backends.device import GpuInfo  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from galr.config import GaLRConfig  # noqa: E402
+from galr.graphs import GRAPH_NAMES, graph_io  # noqa: E402
+from tests.fake_tensorrt import V10, V11, called, make_fake_tensorrt  # noqa: E402
 
 H200 = GpuInfo(name="NVIDIA H200", compute_capability="sm_90")
+#: TensorRT's NetworkDefinitionCreationFlag.STRONGLY_TYPED is 1 (EXPLICIT_BATCH is 0), so 1 << 1.
+STRONGLY_TYPED_FLAGS = 1 << 1
 PROFILE_X = {"x": ((1, 4), (8, 4), (32, 4))}
 
 
@@ -163,7 +164,7 @@ def test_v11_is_strongly_typed_and_never_touches_builder_flags():
     fake = make_fake_tensorrt(V11)
     plan = build(fake, fp16_onnx(), precision="fp16")
     assert plan == b"FAKE-PLAN"
-    assert called(fake, "create_network") == [("create_network", 1 << 0)]
+    assert called(fake, "create_network") == [("create_network", STRONGLY_TYPED_FLAGS)]
     assert called(fake, "BuilderFlag") == []
     assert builder_config(fake).flags == []
 
@@ -188,7 +189,7 @@ def test_v10_fp32_onnx_as_fp16_uses_the_legacy_flag(caplog):
 def test_v10_onnx_with_its_precision_is_strongly_typed(make, precision):
     fake = make_fake_tensorrt(V10)
     build(fake, make(), precision=precision)
-    assert called(fake, "create_network") == [("create_network", 1 << 0)]
+    assert called(fake, "create_network") == [("create_network", STRONGLY_TYPED_FLAGS)]
     assert builder_config(fake).flags == []
 
 
@@ -213,6 +214,19 @@ def test_parser_errors_surface_in_the_message():
         build(fake, fp32_onnx())
     assert "node 3 (GRU): unsupported attribute" in str(excinfo.value)
     assert "node 7: bad shape" in str(excinfo.value)
+
+
+def test_an_op_without_an_importer_fails_the_parse_with_its_name():
+    graph = helper.make_graph([helper.make_node("GalrMystery", ["x"], ["y"], domain="com.example")], "custom",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    custom = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                     helper.make_opsetid("com.example", 1)]).SerializeToString()
+    fake = make_fake_tensorrt(V11)
+    with pytest.raises(TensorRTBuildError, match="TensorRT's ONNX parser rejected the graph") as excinfo:
+        build(fake, custom)
+    assert "No importer registered for op: GalrMystery" in str(excinfo.value)
+    assert called(fake, "build_serialized_network") == []
 
 
 def test_failed_build_is_an_error():
@@ -332,14 +346,15 @@ def test_build_config_validates_and_round_trips():
 def test_default_profiles_cover_every_graph_input():
     config = GaLRConfig.small()
     for graph in GRAPH_NAMES:
-        profiles = default_profiles(graph, config, max_batch=16, max_text_length=48)
+        profiles = default_profiles(graph, config, 48, max_batch=16)
         assert list(profiles) == graph_io(config)[graph].input_names
         for low, opt, high in profiles.values():
             assert (low[0], opt[0], high[0]) == (1, 8, 16)
-    assert default_profiles("text", config, max_text_length=48)["tokens"] == ((1, 1), (8, 32), (32, 48))
-    assert default_profiles("global", config, max_batch=4)["image"] == ((1, 3, 64, 64), (4, 3, 64, 64), (4, 3, 64, 64))
+    assert default_profiles("text", config, 48)["tokens"] == ((1, 1), (8, 32), (32, 48))
+    assert default_profiles("global", config, 48, max_batch=4)["image"] == ((1, 3, 64, 64), (4, 3, 64, 64),
+                                                                           (4, 3, 64, 64))
     with pytest.raises(ValueError, match="valid graphs"):
-        default_profiles("vision", config)
+        default_profiles("vision", config, 48)
 
 
 def test_default_profiles_fit_a_real_graph():
@@ -352,12 +367,5 @@ def test_default_profiles_fit_a_real_graph():
     )
     text = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
     fake = make_fake_tensorrt(V11)
-    build(fake, text, profiles=default_profiles("text", config))
+    build(fake, text, profiles=default_profiles("text", config, 64))
     assert builder_config(fake).profiles[0].shapes["tokens"] == ((1, 1), (8, 32), (32, 64))
-
-
-def test_fake_module_has_no_fp16_flag_on_v11():
-    """Guards the fake itself: a v11 build that reached for BuilderFlag.FP16 would fail loudly."""
-    fake = fake_tensorrt.make_fake_tensorrt(V11)
-    with pytest.raises(AttributeError, match="no attribute 'FP16'"):
-        getattr(fake.BuilderFlag, "FP16")

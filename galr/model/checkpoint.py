@@ -6,7 +6,9 @@ skip-thought GRU (``text_feature.seq2vec.rnn.gru_cell.weight_{ir,ii,in,hr,hi,hn}
 mapped onto ``nn.GRU``. Model dimensions are read from the weights, not from the options.
 
 galr's own format adds everything a deployment needs to reproduce the preprocessing: the config,
-the vocabulary, the image preprocessing and the DREA settings.
+the vocabulary and the :class:`~galr.preprocess.spec.PreprocessSpec` (image preprocessing, DREA
+settings, token cap). Both formats come back as a :class:`LoadedCheckpoint` whose spec is resolved
+here, once; an authors' checkpoint gets the original preprocessing at its model's sizes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import torch
 
 from galr.atomic import atomic_output
 from galr.config import GaLRConfig
+from galr.errors import InputError
 from galr.model.galr import GaLR
+from galr.preprocess.spec import DREA_KEY, IMAGE_KEY, TEXT_KEY, PreprocessSpec
 from galr.preprocess.text import Vocabulary
 
 FORMAT_NAME = "galr-checkpoint"
@@ -33,7 +37,7 @@ _GATES_INPUT = ("weight_ir", "weight_ii", "weight_in")  # r, z ("ii" is the upda
 _GATES_HIDDEN = ("weight_hr", "weight_hi", "weight_hn")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint cannot be read or does not fit the model/vocabulary it is used with."""
 
 
@@ -45,31 +49,20 @@ class LoadedCheckpoint:
         model: the GaLR model in eval mode on the CPU.
         vocab: the vocabulary (given by the caller for authors' checkpoints).
         source_format: ``"galr"`` or ``"original"``.
-        preprocess: image preprocessing settings (``ImagePreprocessConfig.to_dict()``); empty = defaults.
-        drea: DREA builder settings (``DREAConfig.to_dict()``); empty = defaults.
+        spec: the preprocessing that goes with these weights; ``None`` resolves the model's defaults
+            (:meth:`PreprocessSpec.for_model`).
         metadata: free-form provenance (epoch, training data, metrics...).
     """
 
     model: GaLR
     vocab: Vocabulary
     source_format: str
-    preprocess: dict[str, Any] = field(default_factory=dict)
-    drea: dict[str, Any] = field(default_factory=dict)
+    spec: PreprocessSpec = None  # type: ignore[assignment]  # resolved in __post_init__
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    def image_config(self):
-        """The image preprocessing that goes with these weights (the original's at the model's input size)."""
-        from galr.preprocess.image import ImagePreprocessConfig
-
-        if self.preprocess:
-            return ImagePreprocessConfig.from_dict(self.preprocess)
-        return ImagePreprocessConfig(size=self.model.config.image_size)
-
-    def drea_config(self):
-        """The DREA settings that go with these weights (galr's defaults when none were stored)."""
-        from galr.preprocess.drea import DREAConfig
-
-        return DREAConfig.from_dict(self.drea) if self.drea else DREAConfig()
+    def __post_init__(self) -> None:
+        if self.spec is None:
+            self.spec = PreprocessSpec.for_model(self.model.config)
 
 
 def _read(path: Path) -> Any:
@@ -81,9 +74,17 @@ def _read(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types (UnpicklingError, RuntimeError, EOFError)
         raise CheckpointError(
-            f"{path}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {str(exc)[:300]}). "
+            f"{path}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {_shorten(str(exc), 300)}). "
             "Only tensors and plain Python values are accepted (weights_only=True)."
         ) from None
+
+
+def _shorten(text: str, limit: int) -> str:
+    """``text`` cut at a word boundary to about ``limit`` characters, marked when cut."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " [...]"
 
 
 def _shape(state: Mapping[str, torch.Tensor], key: str, path: Path) -> tuple[int, ...]:
@@ -175,8 +176,13 @@ def load_checkpoint(path: str | os.PathLike, vocab: Vocabulary | str | os.PathLi
         vocab = vocab or Vocabulary.from_json_dict(payload["vocab"], source=str(path))
         check_vocabulary(config, vocab, str(path))
         model = _model_from_state(config, payload["state_dict"], str(path))
-        return LoadedCheckpoint(model, vocab, "galr", dict(payload.get("preprocess") or {}),
-                                dict(payload.get("drea") or {}), dict(payload.get("metadata") or {}))
+        text = payload.get(TEXT_KEY) or {}
+        try:
+            spec = PreprocessSpec.for_model(config, payload.get(IMAGE_KEY), payload.get(DREA_KEY),
+                                            text.get("max_length") if isinstance(text, dict) else None)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: its stored preprocessing is invalid ({exc})") from None
+        return LoadedCheckpoint(model, vocab, "galr", spec, dict(payload.get("metadata") or {}))
 
     state = payload.get("model", payload) if isinstance(payload, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -199,21 +205,28 @@ def save_checkpoint(
     path: str | os.PathLike,
     model: GaLR,
     vocab: Vocabulary,
-    preprocess: Mapping[str, Any] | None = None,
-    drea: Mapping[str, Any] | None = None,
+    spec: PreprocessSpec | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write galr's self-describing checkpoint atomically (a crash never leaves a partial file)."""
+    """Write galr's self-describing checkpoint atomically (a crash never leaves a partial file).
+
+    Args:
+        path: the file to write.
+        model: the model.
+        vocab: its vocabulary.
+        spec: its preprocessing; ``None`` stores the model's defaults (:meth:`PreprocessSpec.for_model`).
+        metadata: free-form provenance.
+    """
     path = Path(path)
     check_vocabulary(model.config, vocab, "save_checkpoint")
+    spec = spec or PreprocessSpec.for_model(model.config)
     payload = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "vocab": vocab.to_json_dict(),
-        "preprocess": dict(preprocess or {}),
-        "drea": dict(drea or {}),
+        **spec.to_dict(),
         "metadata": dict(metadata or {}),
     }
     with atomic_output(path) as handle:

@@ -6,7 +6,15 @@ import torch
 from torch import nn
 
 from galr.config import GaLRConfig
-from galr.model.layers import GCN, ExtractFeature, FusionMIDF, TextEncoder, VSAModule, l2norm
+from galr.errors import InputError
+from galr.model.layers import (
+    GCN,
+    ExtractFeature,
+    FusionMIDF,
+    TextEncoder,
+    VSAModule,
+    l2norm,
+)
 
 
 class GaLR(nn.Module):
@@ -57,17 +65,6 @@ class GaLR(nn.Module):
         """Cosine similarity matrix [B_img, B_txt], as the original ``BaseModel.forward``."""
         return self.encode_image(image, local_rep, local_adj) @ self.encode_text(tokens).t()
 
-    @classmethod
-    def from_checkpoint(cls, path, vocab=None) -> "GaLR":
-        """Load a galr or an authors' ``.pth.tar`` checkpoint (``vocab`` required for the latter).
-
-        See :func:`galr.model.checkpoint.load_checkpoint`, which also returns the vocabulary and
-        preprocessing that travel with the weights.
-        """
-        from galr.model.checkpoint import load_checkpoint  # checkpoint.py imports this module
-
-        return load_checkpoint(path, vocab=vocab).model
-
     def load_backbone_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load an ImageNet ResNet-18 state dict (torchvision key names) into the image trunk.
 
@@ -79,10 +76,10 @@ class GaLR(nn.Module):
         own = resnet.state_dict()
         missing = sorted(set(own) - set(state_dict))
         if missing:
-            raise ValueError(f"backbone weights are not a ResNet-18 state dict: missing {missing[:5]}...")
+            raise InputError(f"backbone weights are not a ResNet-18 state dict: missing {missing[:5]}...")
         for key, value in own.items():
             if state_dict[key].shape != value.shape:
-                raise ValueError(
+                raise InputError(
                     f"backbone weight '{key}' has shape {tuple(state_dict[key].shape)}, the model needs "
                     f"{tuple(value.shape)} (resnet_widths={self.config.resnet_widths})"
                 )

@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from galr.atomic import write_text_atomically
+from galr.errors import InputError
+
 Box = tuple[float, float, float, float]
 Point = tuple[float, float]
 
@@ -38,7 +41,7 @@ _DOTA_HEADERS = ("imagesource:", "gsd:")
 _LABEL_SEPARATORS = re.compile(r"[\s_\-]+")
 
 
-class DetectionFormatError(ValueError):
+class DetectionFormatError(InputError):
     """A detection file is malformed; the message names the file and the line or entry."""
 
 
@@ -53,7 +56,7 @@ def normalize_label(label: str) -> str:
 def _finite(value: Any, what: str) -> float:
     number = float(value)
     if not math.isfinite(number):
-        raise ValueError(f"{what} must be a finite number, got {value!r}")
+        raise InputError(f"{what} must be a finite number, got {value!r}")
     return number
 
 
@@ -75,15 +78,15 @@ class Detection:
 
     def __post_init__(self) -> None:
         if not isinstance(self.label, str) or not self.label.strip():
-            raise ValueError(f"Detection.label must be a non-empty string, got {self.label!r}")
+            raise InputError(f"Detection.label must be a non-empty string, got {self.label!r}")
         score = _finite(self.score, "Detection.score")
         if not 0.0 <= score <= 1.0:
-            raise ValueError(f"Detection.score must be in [0, 1], got {score}; rescale detector logits first")
+            raise InputError(f"Detection.score must be in [0, 1], got {score}; rescale detector logits first")
         if len(self.box) != 4:
-            raise ValueError(f"Detection.box needs 4 numbers (x_min, y_min, x_max, y_max), got {self.box!r}")
+            raise InputError(f"Detection.box needs 4 numbers (x_min, y_min, x_max, y_max), got {self.box!r}")
         box = tuple(_finite(v, "Detection.box") for v in self.box)
         if box[2] < box[0] or box[3] < box[1]:
-            raise ValueError(
+            raise InputError(
                 f"Detection.box {box} has x_max < x_min or y_max < y_min; use (x_min, y_min, x_max, y_max)"
             )
         object.__setattr__(self, "score", score)
@@ -110,7 +113,7 @@ class Detection:
 def _as_polygon(polygon: Sequence[Sequence[float]]) -> tuple[Point, Point, Point, Point]:
     points = tuple(tuple(_finite(v, "Detection.polygon") for v in point) for point in polygon)
     if len(points) != 4 or any(len(p) != 2 for p in points):
-        raise ValueError(f"Detection.polygon needs 4 (x, y) points, got {polygon!r}")
+        raise InputError(f"Detection.polygon needs 4 (x, y) points, got {polygon!r}")
     return points  # type: ignore[return-value]
 
 
@@ -137,7 +140,7 @@ class DetectionSet:
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
-                raise ValueError(
+                raise InputError(
                     f"DetectionSet.{name} must be a positive integer or None, got {value!r} ({self.source})"
                 )
 
@@ -156,7 +159,7 @@ class DetectionSet:
 
 def _parse_dota_line(tokens: list[str]) -> Detection:
     if len(tokens) not in (9, 10, 11):
-        raise ValueError(f"expected 'x1 y1 x2 y2 x3 y3 x4 y4 label [difficult [score]]', got {len(tokens)} fields")
+        raise InputError(f"expected 'x1 y1 x2 y2 x3 y3 x4 y4 label [difficult [score]]', got {len(tokens)} fields")
     coords = [float(t) for t in tokens[:8]]
     score = float(tokens[10]) if len(tokens) == 11 else 1.0
     polygon = [(coords[i], coords[i + 1]) for i in range(0, 8, 2)]
@@ -178,16 +181,16 @@ def _read_dota(path: Path) -> DetectionSet:
 
 def _parse_json_entry(entry: Any) -> Detection:
     if not isinstance(entry, dict):
-        raise ValueError(f"an entry must be an object with label/score/box, got {type(entry).__name__}")
+        raise InputError(f"an entry must be an object with label/score/box, got {type(entry).__name__}")
     if "label" not in entry:
-        raise ValueError("missing 'label'")
+        raise InputError("missing 'label'")
     score = entry.get("score", 1.0)
     if "box" in entry:
         polygon = entry.get("polygon")
         return Detection(entry["label"], score, tuple(entry["box"]), tuple(polygon) if polygon is not None else None)
     if "polygon" in entry:
         return Detection.from_polygon(entry["label"], score, entry["polygon"])
-    raise ValueError("needs 'box' [x_min, y_min, x_max, y_max] or 'polygon' [[x, y] x 4]")
+    raise InputError("needs 'box' [x_min, y_min, x_max, y_max] or 'polygon' [[x, y] x 4]")
 
 
 def _read_json(path: Path) -> DetectionSet:
@@ -270,7 +273,7 @@ def write_detections_json(path: str | os.PathLike, detections: DetectionSet) -> 
             entry["polygon"] = [list(point) for point in detection.polygon]
         entries.append(entry)
     document["detections"] = entries
-    path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    write_text_atomically(path, json.dumps(document, indent=1) + "\n")
     return path
 
 

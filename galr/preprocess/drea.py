@@ -44,6 +44,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from galr.errors import InputError
 from galr.preprocess.detections import Detection, DetectionSet, normalize_label
 from galr.serialization import fields_from_dict
 
@@ -97,34 +98,34 @@ class DREAConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(self.classes))
         if not self.classes:
-            raise ValueError("DREAConfig.classes is empty; give the detector's class names")
+            raise InputError("DREAConfig.classes is empty; give the detector's class names")
         unnormalised = [c for c in self.classes if normalize_label(c) != c]
         if unnormalised:
-            raise ValueError(
+            raise InputError(
                 f"DREAConfig.classes must be normalised names, got {unnormalised}; "
                 f"use {[normalize_label(c) for c in unnormalised]}"
             )
         repeated = sorted(c for c, n in Counter(self.classes).items() if n > 1)
         if repeated:
-            raise ValueError(f"DREAConfig.classes lists {repeated} more than once")
+            raise InputError(f"DREAConfig.classes lists {repeated} more than once")
         if self.num_objects < 1:
-            raise ValueError(f"DREAConfig.num_objects must be positive, got {self.num_objects}")
+            raise InputError(f"DREAConfig.num_objects must be positive, got {self.num_objects}")
         if not 0.0 <= self.min_score <= 1.0:
-            raise ValueError(f"DREAConfig.min_score must be in [0, 1], got {self.min_score}")
+            raise InputError(f"DREAConfig.min_score must be in [0, 1], got {self.min_score}")
         for name in ("duplicate_iou", "duplicate_cosine"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value <= 1.0:
-                raise ValueError(f"DREAConfig.{name} must be in (0, 1] or None (disabled), got {value}")
+                raise InputError(f"DREAConfig.{name} must be in (0, 1] or None (disabled), got {value}")
         if self.salience_boost < 0:
-            raise ValueError(f"DREAConfig.salience_boost must be >= 0, got {self.salience_boost}")
+            raise InputError(f"DREAConfig.salience_boost must be >= 0, got {self.salience_boost}")
         if self.adjacency_sigma <= 0:
-            raise ValueError(f"DREAConfig.adjacency_sigma must be positive, got {self.adjacency_sigma}")
+            raise InputError(f"DREAConfig.adjacency_sigma must be positive, got {self.adjacency_sigma}")
         if self.normalization not in _NORMALIZATIONS:
-            raise ValueError(
+            raise InputError(
                 f"DREAConfig.normalization {self.normalization!r} is unknown; use one of {_NORMALIZATIONS}"
             )
         if self.unknown_labels not in _UNKNOWN_POLICIES:
-            raise ValueError(
+            raise InputError(
                 f"DREAConfig.unknown_labels {self.unknown_labels!r} is unknown; use one of {_UNKNOWN_POLICIES}"
             )
 
@@ -144,13 +145,13 @@ class DREAConfig:
             ValueError: a size differs; the message says which setting to change.
         """
         if object_dim is not None and object_dim != self.feature_dim:
-            raise ValueError(
+            raise InputError(
                 f"the model expects {object_dim} features per object but DREAConfig gives {self.feature_dim} "
                 f"({len(self.classes)} classes + {_BOX_FEATURES} box/score columns); use {object_dim - _BOX_FEATURES} "
                 "classes (DOTA-v1.0 has 15 for the original 20) or a model with a matching object_dim"
             )
         if num_objects is not None and num_objects != self.num_objects:
-            raise ValueError(
+            raise InputError(
                 f"the model expects {num_objects} objects per image but DREAConfig.num_objects is {self.num_objects}"
             )
 
@@ -171,16 +172,16 @@ def _resolve_size(detections: DetectionSet, image_size: tuple[int, int] | None) 
     known = (detections.width, detections.height)
     if image_size is None:
         if None in known:
-            raise ValueError(
+            raise InputError(
                 f"{detections.name}: image size unknown; pass image_size=(width, height) or record width/height "
                 "in the detection file"
             )
         return int(known[0]), int(known[1])  # type: ignore[arg-type]
     width, height = int(image_size[0]), int(image_size[1])
     if width < 1 or height < 1:
-        raise ValueError(f"{detections.name}: image_size must be positive (width, height), got {image_size}")
+        raise InputError(f"{detections.name}: image_size must be positive (width, height), got {image_size}")
     if None not in known and known != (width, height):
-        raise ValueError(
+        raise InputError(
             f"{detections.name}: detections were made on a {known[0]}x{known[1]} image but image_size is "
             f"{width}x{height}; boxes are in the detection image's pixels, so pass that size (or rescale the boxes)"
         )
@@ -198,7 +199,7 @@ def _select_known(detections: DetectionSet, config: DREAConfig) -> list[tuple[in
         else:
             unknown[label] += 1
     if unknown and config.unknown_labels == "error":
-        raise ValueError(
+        raise InputError(
             f"{detections.name}: labels {sorted(unknown)} are not in DREAConfig.classes {list(config.classes)}; "
             "rename them to known classes or set DREAConfig(unknown_labels='skip')"
         )
@@ -366,7 +367,7 @@ def build_local_batch(
     config.check_model(object_dim=object_dim)
     sizes = list(image_sizes) if image_sizes is not None else [None] * len(detection_sets)
     if len(sizes) != len(detection_sets):
-        raise ValueError(f"got {len(detection_sets)} detection sets but {len(sizes)} image sizes; give one per image")
+        raise InputError(f"got {len(detection_sets)} detection sets but {len(sizes)} image sizes; give one per image")
     rep = np.zeros((len(sizes), config.num_objects, config.feature_dim), dtype=np.float32)
     adj = np.zeros((len(sizes), config.num_objects, config.num_objects), dtype=np.float32)
     for i, (detections, size) in enumerate(zip(detection_sets, sizes)):

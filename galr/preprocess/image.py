@@ -36,6 +36,7 @@ from typing import Any, BinaryIO, Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from galr.errors import InputError
 from galr.serialization import fields_from_dict
 
 # Pillow's own hard limit (it raises above 2 * MAX_IMAGE_PIXELS); 178_956_970 px ~ 13_377 x 13_377.
@@ -65,7 +66,7 @@ _TIFF_HINT = (
 ImageSource = Union[str, os.PathLike, BinaryIO, Image.Image, np.ndarray]
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(InputError):
     """An image could not be read or converted; the message names the file and what to do."""
 
 
@@ -94,20 +95,20 @@ class ImagePreprocessConfig:
 
     def __post_init__(self) -> None:
         if self.size < 1:
-            raise ValueError(f"ImagePreprocessConfig.size must be positive, got {self.size}")
+            raise InputError(f"ImagePreprocessConfig.size must be positive, got {self.size}")
         if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"ImagePreprocessConfig.mean and .std need 3 values each, got {self.mean} and {self.std}")
+            raise InputError(f"ImagePreprocessConfig.mean and .std need 3 values each, got {self.mean} and {self.std}")
         if min(self.std) <= 0:
-            raise ValueError(f"ImagePreprocessConfig.std must be positive, got {self.std}")
+            raise InputError(f"ImagePreprocessConfig.std must be positive, got {self.std}")
         if self.interpolation not in _RESAMPLING:
-            raise ValueError(
+            raise InputError(
                 f"ImagePreprocessConfig.interpolation {self.interpolation!r} is unknown; "
                 f"use one of {sorted(_RESAMPLING)}"
             )
         if len(self.bands) != 3 or min(self.bands) < 0:
-            raise ValueError(f"ImagePreprocessConfig.bands needs 3 non-negative channel indices, got {self.bands}")
+            raise InputError(f"ImagePreprocessConfig.bands needs 3 non-negative channel indices, got {self.bands}")
         if self.max_pixels < 1:
-            raise ValueError(f"ImagePreprocessConfig.max_pixels must be positive, got {self.max_pixels}")
+            raise InputError(f"ImagePreprocessConfig.max_pixels must be positive, got {self.max_pixels}")
 
     @property
     def resample(self) -> Image.Resampling:
@@ -335,7 +336,7 @@ def _as_rgb(image: Image.Image | np.ndarray, config: ImagePreprocessConfig) -> I
         return image if image.mode == "RGB" else load_image(image, config)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(
+            raise InputError(
                 f"preprocess_image needs an HxWx3 uint8 array, got {image.dtype} {image.shape}; "
                 "convert other rasters with load_image first"
             )

@@ -31,6 +31,9 @@ from typing import Any, BinaryIO, Mapping, Sequence
 import numpy as np
 from numpy.lib import format as npy_format
 
+from galr.atomic import atomic_output
+from galr.errors import InputError
+
 REP_KEY = "local_rep"
 ADJ_KEY = "adj_matrix"
 NPZ_FORMAT = "galr-local-v1"
@@ -48,7 +51,7 @@ ALLOWED_PICKLE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
 )
 
 
-class LocalFileError(ValueError):
+class LocalFileError(InputError):
     """A local-feature file is unreadable, unsafe or has the wrong shapes; the message names it."""
 
 
@@ -358,8 +361,8 @@ def save_local_file(path: str | os.PathLike, table: LocalFeatureTable) -> Path:
     """
     path = Path(path)
     if path.suffix.lower() != ".npz":
-        raise ValueError(f"{path}: local-feature files are written as .npz; use a name ending in .npz")
-    with path.open("wb") as stream:
+        raise InputError(f"{path}: local-feature files are written as .npz; use a name ending in .npz")
+    with atomic_output(path) as stream:
         np.savez_compressed(
             stream,
             format=np.array(NPZ_FORMAT),

@@ -26,10 +26,16 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from galr.atomic import write_text_atomically
+from galr.errors import InputError, NotFoundError
+
 # The original's punctuation filter (R:data.py:101), in its order.
 PUNCTUATION: tuple[str, ...] = (",", ".", ":", ";", "?", "(", ")", "[", "]", "&", "!", "*", "@", "#", "$", "%")
 UNK_TOKEN = "<unk>"
 PAD_ID = 0
+#: Longest caption kept, in tokens, unless a model's preprocessing says otherwise (the original has no
+#: explicit cap; its evaluation buffer holds 47 tokens).
+DEFAULT_MAX_TEXT_LENGTH = 64
 
 
 @lru_cache(maxsize=1)
@@ -50,7 +56,7 @@ def tokenize(caption: str) -> list[str]:
     return [t for t in tokens if t not in PUNCTUATION]
 
 
-class VocabularyError(ValueError):
+class VocabularyError(InputError):
     """A vocabulary file is missing, malformed or does not match a model."""
 
 
@@ -135,7 +141,7 @@ class Vocabulary:
         return cls.from_json_dict(data, source=str(path))
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_json_dict()), encoding="utf-8")
+        write_text_atomically(path, json.dumps(self.to_json_dict()))
 
 
 @dataclass(frozen=True)
@@ -157,9 +163,9 @@ class Tokenizer:
             ``max_length`` tokens and a warning names them.
     """
 
-    def __init__(self, vocab: Vocabulary, max_length: int = 64) -> None:
+    def __init__(self, vocab: Vocabulary, max_length: int = DEFAULT_MAX_TEXT_LENGTH) -> None:
         if max_length < 1:
-            raise ValueError(f"max_length must be at least 1, got {max_length}")
+            raise InputError(f"max_length must be at least 1, got {max_length}")
         self.vocab = vocab
         self.max_length = max_length
 
@@ -190,3 +196,43 @@ class Tokenizer:
             tokens[i, : len(row)] = row
             lengths[i] = len(row)
         return EncodedCaptions(tokens, lengths, truncated)
+
+
+@dataclass(frozen=True)
+class TextLine:
+    """One line of a text file: its 1-based number in the file, and its text without surrounding blanks."""
+
+    number: int
+    text: str
+
+
+def read_text_lines(path: str | os.PathLike, what: str = "lines") -> list[TextLine]:
+    """The non-blank lines of a UTF-8 text file that are not ``#`` comments, with their line numbers.
+
+    One caption or query per line; a byte-order mark left by editors is dropped.
+
+    Args:
+        path: the file.
+        what: what the lines are (``"queries"``, ``"captions"``), for messages.
+
+    Raises:
+        NotFoundError: no such file.
+        InputError: a folder, a file that is not UTF-8 (the message gives the line), or no lines.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a text file with one of the {what} per line")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: no such file ({what}, one per line)") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise InputError(f"{path} is not UTF-8 text (bad byte at line {line}); save it as UTF-8") from None
+    lines = [TextLine(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1)]
+    lines = [line for line in lines if line.text and not line.text.startswith("#")]
+    if not lines:
+        raise InputError(f"{path} has no {what} (one per line; blank lines and # comments are ignored)")
+    return lines

@@ -9,12 +9,20 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
 from galr.config import RerankConfig
-from galr.retrieval.metrics import RetrievalMetrics, evaluate_similarity, evaluate_with_rerank
+from galr.errors import InputError
+from galr.retrieval.metrics import (
+    RetrievalMetrics,
+    evaluate_similarity,
+    evaluate_with_rerank,
+)
+
+if TYPE_CHECKING:
+    from galr.preprocess.spec import PreprocessSpec
 
 
 class Encoder(Protocol):
@@ -42,9 +50,9 @@ class SplitInputs:
     def __post_init__(self) -> None:
         n = len(self.image_names)
         if not (self.images.shape[0] == self.local_rep.shape[0] == self.local_adj.shape[0] == n):
-            raise ValueError("images, local features and image names disagree on the number of images")
+            raise InputError("images, local features and image names disagree on the number of images")
         if len(self.captions) != n * self.captions_per_image:
-            raise ValueError(f"{len(self.captions)} captions for {n} images x {self.captions_per_image}")
+            raise InputError(f"{len(self.captions)} captions for {n} images x {self.captions_per_image}")
 
     def subset(self, count: int) -> "SplitInputs":
         """The first ``count`` images with their captions (for quick checks)."""
@@ -53,33 +61,14 @@ class SplitInputs:
                            self.local_adj[:count], self.captions[: count * c], c)
 
 
-def local_features_for(image_paths: Sequence[Path], image_sizes: Sequence[tuple[int, int]], drea_config,
-                       detections_dir: Path | None = None, local_table=None) -> tuple[np.ndarray, np.ndarray]:
-    """DREA matrices for images: from the original precomputed table, or built from detection files.
+def load_split_inputs(split, spec: "PreprocessSpec", detections_dir: Path | None = None, local_table=None,
+                      progress: bool = False) -> SplitInputs:
+    """Read and preprocess a :class:`galr.data.RetrievalSplit` (images, DREA inputs, captions) with a
+    model's preprocessing ``spec``."""
+    from galr.preprocess.image import load_image, preprocess_image
+    from galr.preprocess.local_inputs import local_features_for
 
-    Images with no source of detections get the documented all-zero fallback (with a warning).
-    """
-    from galr.preprocess.detections import DetectionSet, find_detection_file, read_detections
-    from galr.preprocess.drea import build_local_batch
-
-    if local_table is not None:
-        pairs = [local_table.lookup(Path(p).name) for p in image_paths]
-        return np.stack([r for r, _ in pairs]).astype(np.float32), np.stack([a for _, a in pairs]).astype(np.float32)
-    sets = []
-    for path in image_paths:
-        found = find_detection_file(detections_dir, path) if detections_dir is not None else None
-        sets.append(read_detections(found) if found is not None else DetectionSet((), None, None, str(path)))
-    return build_local_batch(sets, list(image_sizes), drea_config)
-
-
-def load_split_inputs(split, image_config=None, drea_config=None, detections_dir: Path | None = None,
-                      local_table=None, progress: bool = False) -> SplitInputs:
-    """Read and preprocess a :class:`galr.data.RetrievalSplit` (images, DREA inputs, captions)."""
-    from galr.preprocess.drea import DREAConfig
-    from galr.preprocess.image import ImagePreprocessConfig, load_image, preprocess_image
-
-    image_config = image_config or ImagePreprocessConfig()
-    drea_config = drea_config or DREAConfig()
+    image_config, drea_config = spec.image, spec.drea
     paths = [split.image_path(i) for i in range(len(split.image_names))]
     iterator = paths
     if progress:

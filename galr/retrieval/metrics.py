@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from galr.config import RerankConfig
+from galr.errors import InputError
 from galr.retrieval.rerank import DEFAULT_BLOCK_ELEMENTS, rerank_i2t, rerank_t2i
 
 RECALL_CUTOFFS = (1, 5, 10)
@@ -85,7 +86,7 @@ class RetrievalMetrics:
         names = [f.name for f in dataclasses.fields(cls)]
         missing, unknown = sorted(set(names) - set(values)), sorted(set(values) - set(names))
         if missing or unknown:
-            raise ValueError(f"RetrievalMetrics fields missing {missing}, unknown {unknown}")
+            raise InputError(f"RetrievalMetrics fields missing {missing}, unknown {unknown}")
         return cls(**{name: float(values[name]) for name in names})
 
     def format_table(self, title: str = "Retrieval") -> str:
@@ -211,19 +212,19 @@ def _check_matrix(S: Any, captions_per_image: int) -> np.ndarray:  # noqa: N803
     S = np.asarray(S)
     _check_shape(S.shape, captions_per_image)
     if not (np.issubdtype(S.dtype, np.floating) or np.issubdtype(S.dtype, np.integer)):
-        raise ValueError(f"S must hold real numbers, got dtype {S.dtype}")
+        raise InputError(f"S must hold real numbers, got dtype {S.dtype}")
     if not np.isfinite(S).all():
-        raise ValueError("S contains NaN or inf; ranks would be meaningless, check the encoder outputs")
+        raise InputError("S contains NaN or inf; ranks would be meaningless, check the encoder outputs")
     return S
 
 
 def _check_shape(shape: tuple[int, ...], captions_per_image: int) -> None:
     if captions_per_image < 1:
-        raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
+        raise InputError(f"captions_per_image must be >= 1, got {captions_per_image}")
     if len(shape) != 2 or 0 in shape:
-        raise ValueError(f"S must be a non-empty 2-D [images, captions] matrix, got shape {tuple(shape)}")
+        raise InputError(f"S must be a non-empty 2-D [images, captions] matrix, got shape {tuple(shape)}")
     if shape[1] != captions_per_image * shape[0]:
-        raise ValueError(
+        raise InputError(
             f"S has shape {tuple(shape)} but {shape[0]} images with {captions_per_image} captions each need "
             f"{captions_per_image * shape[0]} columns; caption j must belong to image j // {captions_per_image}"
         )
@@ -233,7 +234,7 @@ def _rank_statistics(ranks: np.ndarray, direction: str) -> tuple[float, float, f
     """(R@1, R@5, R@10, medr, meanr) with the original's arithmetic (ranks as float64)."""
     ranks = np.asarray(ranks, dtype=np.float64)
     if ranks.ndim != 1 or ranks.size == 0:
-        raise ValueError(f"{direction} ranks must be a non-empty 1-D array, got shape {ranks.shape}")
+        raise InputError(f"{direction} ranks must be a non-empty 1-D array, got shape {ranks.shape}")
     recalls = tuple(100.0 * np.count_nonzero(ranks < k) / len(ranks) for k in RECALL_CUTOFFS)
     medr = float(np.floor(np.median(ranks)) + 1)
     meanr = float(ranks.mean() + 1)

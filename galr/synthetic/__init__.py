@@ -20,7 +20,11 @@ from galr.synthetic.benchmark import (
     read_benchmark_info,
     sample_split,
 )
-from galr.synthetic.captions import build_vocabulary, caption_mentions, generate_captions
+from galr.synthetic.captions import (
+    build_vocabulary,
+    caption_mentions,
+    generate_captions,
+)
 from galr.synthetic.detector import (
     Detection,
     DetectorNoise,

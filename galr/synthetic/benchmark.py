@@ -34,11 +34,17 @@ import PIL
 from tqdm import tqdm
 
 import galr
-from galr.atomic import write_bytes_atomically
+from galr.atomic import atomic_output, write_bytes_atomically
 from galr.data import DatasetPaths, RetrievalSplit, write_split
+from galr.errors import InputError
 from galr.serialization import fields_from_dict
 from galr.synthetic.captions import build_vocabulary, generate_captions
-from galr.synthetic.detector import DetectorNoise, apply_detector_noise, ground_truth_detections, write_detections
+from galr.synthetic.detector import (
+    DetectorNoise,
+    apply_detector_noise,
+    ground_truth_detections,
+    write_detections,
+)
 from galr.synthetic.scenes import SceneConfig, SceneSpec, render_scene, sample_scene
 
 FORMAT = "galr-synthetic-benchmark"
@@ -51,7 +57,7 @@ _STREAM_SCENE, _STREAM_CAPTIONS, _STREAM_DETECTIONS = 0, 1, 2
 _GENERATED_NAME = re.compile(r"^(train|val|test)_\d{5}\.(png|json)$")
 
 
-class BenchmarkError(RuntimeError):
+class BenchmarkError(InputError):
     """The output folder holds a different benchmark, or a benchmark file is unreadable."""
 
 
@@ -87,21 +93,21 @@ class BenchmarkConfig:
     def __post_init__(self) -> None:
         for name in ("n_train", "n_val", "n_test"):
             if getattr(self, name) < 0 or getattr(self, name) > 99999:
-                raise ValueError(f"BenchmarkConfig.{name} must be in [0, 99999], got {getattr(self, name)}")
+                raise InputError(f"BenchmarkConfig.{name} must be in [0, 99999], got {getattr(self, name)}")
         if self.n_train < 1:
-            raise ValueError("BenchmarkConfig.n_train must be at least 1 (the vocabulary is built from it)")
+            raise InputError("BenchmarkConfig.n_train must be at least 1 (the vocabulary is built from it)")
         if self.image_size < 32:
-            raise ValueError(f"BenchmarkConfig.image_size must be at least 32, got {self.image_size}")
+            raise InputError(f"BenchmarkConfig.image_size must be at least 32, got {self.image_size}")
         if self.captions_per_image < 1:
-            raise ValueError(f"BenchmarkConfig.captions_per_image must be at least 1, got {self.captions_per_image}")
+            raise InputError(f"BenchmarkConfig.captions_per_image must be at least 1, got {self.captions_per_image}")
         if not 0.0 <= self.caption_specificity <= 1.0:
-            raise ValueError(f"BenchmarkConfig.caption_specificity must be in [0, 1], got {self.caption_specificity}")
+            raise InputError(f"BenchmarkConfig.caption_specificity must be in [0, 1], got {self.caption_specificity}")
         if self.vocab_min_count < 1:
-            raise ValueError(f"BenchmarkConfig.vocab_min_count must be at least 1, got {self.vocab_min_count}")
+            raise InputError(f"BenchmarkConfig.vocab_min_count must be at least 1, got {self.vocab_min_count}")
 
     def split_size(self, split: str) -> int:
         if split not in _SPLIT_CODES:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+            raise InputError(f"unknown split {split!r}; expected one of {SPLITS}")
         return int(getattr(self, f"n_{split}"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,7 +153,7 @@ class BenchmarkConfig:
             ),
         }
         if difficulty not in presets:
-            raise ValueError(f"unknown difficulty {difficulty!r}; expected one of {sorted(presets)}")
+            raise InputError(f"unknown difficulty {difficulty!r}; expected one of {sorted(presets)}")
         return cls(**{**presets[difficulty], **overrides})
 
 
@@ -275,7 +281,8 @@ def _write_image(paths: DatasetPaths, config: BenchmarkConfig, split: str, index
     sample = make_sample(config, split, index)
     size = config.image_size
     # Fast zlib level: 2.5x quicker than the default for ~15 % larger files (noise barely compresses).
-    render_scene(sample.scene, size).save(paths.images / sample.name, format="PNG", compress_level=1)
+    with atomic_output(paths.images / sample.name) as handle:
+        render_scene(sample.scene, size).save(handle, format="PNG", compress_level=1)
     exact = ground_truth_detections(sample.scene, size)
     noisy = apply_detector_noise(exact, config.detector_noise, _stream(config, split, index, _STREAM_DETECTIONS), size)
     stem = Path(sample.name).stem

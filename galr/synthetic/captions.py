@@ -29,8 +29,15 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from galr.errors import InputError
 from galr.preprocess.text import Vocabulary, tokenize
-from galr.synthetic.scenes import CLASS_STYLES, RIVER_LAYOUTS, ObjectGroup, SceneSpec, pick
+from galr.synthetic.scenes import (
+    CLASS_STYLES,
+    RIVER_LAYOUTS,
+    ObjectGroup,
+    SceneSpec,
+    pick,
+)
 
 # (singular, plural) paraphrases of each class.
 CLASS_NOUNS: Mapping[str, tuple[tuple[str, str], ...]] = MappingProxyType(
@@ -485,9 +492,9 @@ def generate_captions(spec: SceneSpec, rng: np.random.Generator, count: int = 5,
         ValueError: ``specificity`` is outside [0, 1] or ``count`` is below 1.
     """
     if not 0.0 <= specificity <= 1.0:
-        raise ValueError(f"caption specificity must be in [0, 1], got {specificity}")
+        raise InputError(f"caption specificity must be in [0, 1], got {specificity}")
     if count < 1:
-        raise ValueError(f"caption count must be at least 1, got {count}")
+        raise InputError(f"caption count must be at least 1, got {count}")
     phraser = _Phraser(spec, rng, specificity)
     groups = list(spec.salient_groups)
     captions: list[str] = []
@@ -538,7 +545,7 @@ def build_vocabulary(
         ValueError: ``min_count`` is below 1.
     """
     if min_count < 1:
-        raise ValueError(f"min_count must be at least 1, got {min_count}")
+        raise InputError(f"min_count must be at least 1, got {min_count}")
     counts: Counter[str] = Counter()
     for caption in captions:
         counts.update(tokenize(caption))

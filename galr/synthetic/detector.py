@@ -27,8 +27,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from galr.atomic import write_text_atomically
+from galr.errors import InputError
 from galr.serialization import fields_from_dict
-from galr.synthetic.scenes import CLASS_STYLES, OBJECT_CLASSES, SceneSpec, object_outline, pick
+from galr.synthetic.scenes import (
+    CLASS_STYLES,
+    OBJECT_CLASSES,
+    SceneSpec,
+    object_outline,
+    pick,
+)
 
 Box = tuple[float, float, float, float]
 
@@ -54,7 +62,7 @@ LOOK_ALIKES: Mapping[str, tuple[str, ...]] = MappingProxyType(
 )
 
 
-class DetectionFileError(ValueError):
+class DetectionFileError(InputError):
     """A detections JSON file is missing or does not follow the schema."""
 
 
@@ -104,13 +112,13 @@ class DetectorNoise:
     def __post_init__(self) -> None:
         for name in ("miss_rate", "duplicate_rate", "confusion_rate", "true_score", "duplicate_min_iou"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"DetectorNoise.{name} must be in [0, 1], got {getattr(self, name)}")
+                raise InputError(f"DetectorNoise.{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("score_jitter", "box_jitter", "false_alarms"):
             if getattr(self, name) < 0:
-                raise ValueError(f"DetectorNoise.{name} must be non-negative, got {getattr(self, name)}")
+                raise InputError(f"DetectorNoise.{name} must be non-negative, got {getattr(self, name)}")
         low, high = self.false_alarm_score
         if not 0.0 <= low <= high <= 1.0:
-            raise ValueError(f"DetectorNoise.false_alarm_score must be (low, high) in [0, 1], got {(low, high)}")
+            raise InputError(f"DetectorNoise.false_alarm_score must be (low, high) in [0, 1], got {(low, high)}")
 
     @classmethod
     def none(cls) -> "DetectorNoise":
@@ -258,7 +266,7 @@ def write_detections(
     path: str | os.PathLike, image: str, width: int, height: int, detections: Sequence[Detection]
 ) -> None:
     """Write one image's detections as JSON (schema in the module doc)."""
-    Path(path).write_text(json.dumps(detections_to_json(image, width, height, detections)), encoding="utf-8")
+    write_text_atomically(path, json.dumps(detections_to_json(image, width, height, detections)))
 
 
 def read_detections(path: str | os.PathLike) -> tuple[str, int, int, list[Detection]]:

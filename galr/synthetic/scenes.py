@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from galr.errors import InputError
 from galr.serialization import fields_from_dict
 
 LAND_COVERS: tuple[str, ...] = ("water", "grass", "bare-soil", "urban", "forest", "desert")
@@ -335,21 +336,21 @@ class SceneSpec:
 
     def __post_init__(self) -> None:
         if self.land_cover not in LAND_COVERS:
-            raise ValueError(f"SceneSpec.land_cover must be one of {LAND_COVERS}, got {self.land_cover!r}")
+            raise InputError(f"SceneSpec.land_cover must be one of {LAND_COVERS}, got {self.land_cover!r}")
         if self.layout not in LAYOUTS:
-            raise ValueError(f"SceneSpec.layout must be one of {LAYOUTS}, got {self.layout!r}")
+            raise InputError(f"SceneSpec.layout must be one of {LAYOUTS}, got {self.layout!r}")
         if (self.layout == "full") != (self.secondary_cover is None):
-            raise ValueError(
+            raise InputError(
                 "SceneSpec: secondary_cover must be None exactly when layout is 'full' "
                 f"(layout={self.layout!r}, secondary_cover={self.secondary_cover!r})"
             )
         if self.secondary_cover is not None and self.secondary_cover not in LAND_COVERS:
-            raise ValueError(f"SceneSpec.secondary_cover must be one of {LAND_COVERS}, got {self.secondary_cover!r}")
+            raise InputError(f"SceneSpec.secondary_cover must be one of {LAND_COVERS}, got {self.secondary_cover!r}")
         for group in self.groups:
             if group.label not in CLASS_STYLES:
-                raise ValueError(f"SceneSpec: unknown object class {group.label!r}; expected one of {OBJECT_CLASSES}")
+                raise InputError(f"SceneSpec: unknown object class {group.label!r}; expected one of {OBJECT_CLASSES}")
             if group.colour not in COLOURS:
-                raise ValueError(f"SceneSpec: unknown colour {group.colour!r} for {group.label!r}")
+                raise InputError(f"SceneSpec: unknown colour {group.colour!r} for {group.label!r}")
 
     @property
     def covers_present(self) -> tuple[str, ...]:
@@ -413,7 +414,7 @@ class SceneSpec:
             s = 1 / math.sqrt(2)
             offset = self.boundary - 0.5
             return (0.5 - offset * s, 0.5 + offset * s), (s, s), (-s, s)
-        raise ValueError(f"layout {self.layout!r} is not a river layout")
+        raise InputError(f"layout {self.layout!r} is not a river layout")
 
     def _wave(self, along: np.ndarray) -> np.ndarray:
         return self.wave_amplitude * np.sin(2 * np.pi * self.wave_frequency * along + self.wave_phase)
@@ -431,7 +432,7 @@ class SceneSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown, missing = sorted(set(data) - names), sorted(names - set(data) - {"groups"})
         if unknown or missing:
-            raise ValueError(f"SceneSpec: unknown fields {unknown}, missing fields {missing}")
+            raise InputError(f"SceneSpec: unknown fields {unknown}, missing fields {missing}")
         values = dict(data)
         try:
             values["groups"] = tuple(
@@ -445,7 +446,7 @@ class SceneSpec:
                 for g in data.get("groups", ())
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"SceneSpec: malformed object group ({exc!r})") from None
+            raise InputError(f"SceneSpec: malformed object group ({exc!r})") from None
         return cls(**values)
 
     def to_json(self) -> str:
@@ -481,17 +482,17 @@ class SceneConfig:
         for name in ("salient_groups", "distractor_groups"):
             low, high = getattr(self, name)
             if not 0 <= low <= high:
-                raise ValueError(f"SceneConfig.{name} must be (min, max) with 0 <= min <= max, got {(low, high)}")
+                raise InputError(f"SceneConfig.{name} must be (min, max) with 0 <= min <= max, got {(low, high)}")
         if self.salient_groups[1] < 1:
-            raise ValueError("SceneConfig.salient_groups max must be at least 1 (captions need objects)")
+            raise InputError("SceneConfig.salient_groups max must be at least 1 (captions need objects)")
         if self.max_instances < 1:
-            raise ValueError(f"SceneConfig.max_instances must be at least 1, got {self.max_instances}")
+            raise InputError(f"SceneConfig.max_instances must be at least 1, got {self.max_instances}")
         for name in ("class_cover_correlation", "secondary_cover_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"SceneConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+                raise InputError(f"SceneConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         unknown = sorted({t for t, _ in self.theme_weights} - set(THEMES))
         if unknown:
-            raise ValueError(f"SceneConfig.theme_weights names unknown themes {unknown}; known: {sorted(THEMES)}")
+            raise InputError(f"SceneConfig.theme_weights names unknown themes {unknown}; known: {sorted(THEMES)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -1295,7 +1296,7 @@ def render_scene(spec: SceneSpec, size: int = 256) -> Image.Image:
         ValueError: ``size`` is smaller than 32.
     """
     if size < 32:
-        raise ValueError(f"render_scene: size must be at least 32 pixels, got {size}")
+        raise InputError(f"render_scene: size must be at least 32 pixels, got {size}")
     rng = np.random.default_rng(spec.texture_seed)
     background = np.clip(_background(spec, size, rng), 0, 255).astype(np.uint8)
     big = Image.fromarray(background).resize((size * _SUPERSAMPLE,) * 2, Image.Resampling.NEAREST)

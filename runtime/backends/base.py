@@ -14,9 +14,15 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from galr.errors import InputError, UnavailableError
 
-class RunnerError(RuntimeError):
-    """A runner was misused or its backend failed."""
+
+class RunnerError(InputError):
+    """A runner was fed inputs it cannot take, or its backend failed on a graph (e.g. a corrupt one)."""
+
+
+class BackendUnavailableError(UnavailableError):
+    """A requested backend or device cannot run here; the message says what is missing and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -55,9 +61,20 @@ class Runner(ABC):
 
     Subclasses implement ``_activate``, ``_infer`` and ``_close``; the public methods check state
     and inputs. ``last_inference_time`` holds the seconds spent in the latest ``_infer`` call.
+
+    Attributes:
+        name: the backend's name.
+        thread_safe: whether ``infer`` may run from several threads at once (callers serialise it
+            otherwise).
     """
 
     name = "runner"
+    thread_safe = True
+
+    @property
+    def max_batch_size(self) -> int | None:
+        """Largest batch one ``infer`` call accepts, or ``None`` for no limit (callers split larger batches)."""
+        return None
 
     def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
         self.inputs = {spec.name: spec for spec in inputs}

@@ -13,13 +13,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from galr.runtime.backends.base import RunnerError
-
 NVIDIA_SMI_TIMEOUT_S = 5.0
-
-
-class BackendUnavailableError(RunnerError):
-    """A requested backend or device cannot run here; the message says what is missing and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +183,6 @@ def probe_tensorrt() -> TensorRTInfo | None:
 
 
 __all__ = [
-    "BackendUnavailableError",
     "GpuInfo",
     "TensorRTInfo",
     "compute_capability_tag",

@@ -3,7 +3,9 @@
 ``onnxruntime-gpu`` quietly returns a CPU session when CUDA, cuDNN or TensorRT libraries are missing,
 even when only ``CUDAExecutionProvider`` was asked for (deployment notes §2.5). This runner compares the
 providers the session really has with the ones requested and raises
-:class:`~galr.runtime.backends.device.BackendUnavailableError` instead of running slowly on the CPU.
+:class:`~galr.runtime.backends.base.BackendUnavailableError` instead of running slowly on the CPU.
+
+``BACKEND`` registers it (:mod:`galr.runtime.backends.registry`) for the CPU and CUDA devices.
 """
 
 from __future__ import annotations
@@ -17,9 +19,21 @@ from types import ModuleType
 from typing import Any, Mapping
 
 import numpy as np
+from galr.runtime.backends.base import (
+    BackendUnavailableError,
+    Runner,
+    RunnerError,
+    TensorSpec,
+)
+from galr.runtime.backends.registry import (
+    Backend,
+    BackendOptions,
+    Environment,
+    RunnerRequest,
+)
 
-from galr.runtime.backends.base import Runner, RunnerError, TensorSpec
-from galr.runtime.backends.device import BackendUnavailableError
+from galr import graphs
+from galr.errors import InputError
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -67,7 +81,7 @@ def import_onnxruntime() -> ModuleType:
 
 
 @dataclass(frozen=True)
-class OnnxRuntimeOptions:
+class OnnxRuntimeOptions(BackendOptions):
     """Session and execution-provider settings.
 
     Attributes:
@@ -90,14 +104,16 @@ class OnnxRuntimeOptions:
     trt_timing_cache_dir: str | None = None
     trt_max_workspace_bytes: int | None = None
 
+    backend = "onnxruntime"
+
     def __post_init__(self) -> None:
         if self.graph_optimization not in GRAPH_OPTIMIZATION_LEVELS:
-            raise ValueError(
+            raise InputError(
                 f"graph_optimization must be one of {sorted(GRAPH_OPTIMIZATION_LEVELS)}, "
                 f"got {self.graph_optimization!r}"
             )
         if self.intra_op_threads < 0:
-            raise ValueError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
+            raise InputError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,7 +143,7 @@ def provider_list(device: str, options: OnnxRuntimeOptions) -> list[tuple[str, d
         ValueError: for a device outside ``ORT_DEVICES``.
     """
     if device not in PROVIDERS_BY_DEVICE:
-        raise ValueError(f"onnxruntime device must be one of {list(ORT_DEVICES)}, got {device!r}")
+        raise InputError(f"onnxruntime device must be one of {list(ORT_DEVICES)}, got {device!r}")
     per_provider = {
         CPU_PROVIDER: {},
         CUDA_PROVIDER: {"device_id": options.device_id},
@@ -311,8 +327,34 @@ class OnnxRuntimeRunner(Runner):
         self._session = None
 
 
+def _probe(device: str, environment: Environment) -> str | None:
+    if environment.onnxruntime_providers is None:
+        return "onnxruntime not installed"
+    if device == "cuda":
+        if CUDA_PROVIDER not in environment.onnxruntime_providers:
+            return "this onnxruntime has no CUDA provider (CPU build)"
+        if environment.gpu is None:
+            return "no CUDA GPU visible"
+    return None
+
+
+def _make_runners(request: RunnerRequest) -> dict[str, Runner]:
+    options = request.options if isinstance(request.options, OnnxRuntimeOptions) else None
+    return {name: request.stack.enter_context(
+                OnnxRuntimeRunner(request.bundle.onnx_bytes(name, request.precision), request.device, options))
+            for name in graphs.GRAPH_NAMES}
+
+
+BACKEND = Backend(
+    name="onnxruntime", devices=("cuda", "cpu"), rank=20, probe=_probe, make_runners=_make_runners,
+    fix="install ONNX Runtime: `pip install galr[cpu]` (CPU) or `pip install galr[gpu]` (onnxruntime-gpu, CUDA; "
+        "replaces plain onnxruntime) with CUDA and cuDNN versions matching it",
+    options_type=OnnxRuntimeOptions,
+)
+
+
 __all__ = [
-    "BackendUnavailableError",
+    "BACKEND",
     "OnnxRuntimeOptions",
     "OnnxRuntimeRunner",
     "check_providers",

@@ -1,35 +1,48 @@
-"""TensorRT runner for a serialized engine (``.plan`` bytes), plus the key that ties an engine to its GPU.
+"""TensorRT runner for a serialized engine (``.plan`` bytes), and the ``tensorrt`` backend.
 
 Only the name-based I/O API of TensorRT 10 is used (``num_io_tensors``, ``set_input_shape``,
 ``set_tensor_address``, ``execute_async_v3``); TensorRT 11 keeps those names, so one code path serves
 both. Device memory and the CUDA stream come from CuPy, so the runtime stays torch-free.
 
-A plan only loads on the TensorRT build and GPU architecture that made it (deployment notes §1.5), so
-bundles record an :class:`EngineKey` next to every plan and :func:`check_engine_compatible` refuses a
-mismatch before TensorRT fails with an opaque serialization assertion.
+A plan only loads on the TensorRT build and GPU architecture that made it (deployment notes §1.5):
+the backend picks the bundle's engine set whose :class:`~galr.bundle.EngineKey` fits this machine
+(:func:`~galr.bundle.select_engine_entry`) before TensorRT would fail with an opaque assertion.
+Nothing here has been executed on a real GPU in this project; it is tested against a fake
+``tensorrt`` module.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+from galr.runtime.backends.base import (
+    BackendUnavailableError,
+    Runner,
+    RunnerError,
+    TensorSpec,
+)
+from galr.runtime.backends.device import GpuInfo, probe_gpu
+from galr.runtime.backends.registry import (
+    Backend,
+    BackendOptions,
+    Environment,
+    RunnerRequest,
+)
 
-from galr.runtime.backends.base import Runner, RunnerError, TensorSpec
-from galr.runtime.backends.device import BackendUnavailableError, GpuInfo, probe_gpu, probe_tensorrt
+from galr import graphs
+from galr.bundle.engines import (
+    REBUILD_COMMAND,
+    EngineMismatchError,
+    select_engine_entry,
+)
+from galr.errors import InputError
 
-PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_MAX_CACHED_SHAPES = 4
-REBUILD_COMMAND = "galr-build {bundle}"
-
-
-class EngineMismatchError(RunnerError):
-    """A serialized engine was built for another GPU, TensorRT version or ONNX graph."""
 
 
 def import_tensorrt() -> ModuleType:
@@ -58,8 +71,8 @@ def import_cupy() -> ModuleType:
         return importlib.import_module("cupy")
     except ImportError as error:
         raise ImportError(
-            "the tensorrt backend allocates GPU memory with CuPy: `pip install galr[gpu]` "
-            "(cupy-cuda12x; pick the cupy wheel matching your CUDA major version)"
+            "the tensorrt backend allocates GPU memory with CuPy: `pip install galr[tensorrt]` installs "
+            "cupy-cuda13x (CUDA 13); for another CUDA major version install the matching cupy-cudaNNx wheel"
         ) from error
 
 
@@ -74,142 +87,6 @@ def tensorrt_major(trt: ModuleType) -> int:
     if not head.isdigit():
         raise RuntimeError(f"cannot read the TensorRT major version from __version__={version!r}")
     return int(head)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Engine keys
-
-
-def onnx_sha256(onnx_bytes: bytes) -> str:
-    """Hex SHA-256 of serialized ONNX bytes."""
-    return hashlib.sha256(onnx_bytes).hexdigest()
-
-
-@dataclass(frozen=True)
-class EngineKey:
-    """What a serialized engine is tied to.
-
-    Attributes:
-        compute_capability: GPU architecture, ``"sm_90"``.
-        tensorrt_version: the TensorRT version that built it, ``"10.16.1"``.
-        precision: ``"fp32" | "fp16" | "int8"``.
-        onnx_sha256: hex SHA-256 of the ONNX graph it was built from.
-    """
-
-    compute_capability: str
-    tensorrt_version: str
-    precision: str
-    onnx_sha256: str
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"EngineKey.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if not self.compute_capability.startswith("sm_"):
-            raise ValueError(
-                f"EngineKey.compute_capability must look like 'sm_90', got {self.compute_capability!r}"
-            )
-
-    def as_string(self) -> str:
-        """Short, path-safe form, e.g. ``sm_90-trt10.16.1-fp16-0123456789ab``."""
-        return f"{self.compute_capability}-trt{self.tensorrt_version}-{self.precision}-{self.onnx_sha256[:12]}"
-
-    def to_dict(self) -> dict[str, str]:
-        return {
-            "compute_capability": self.compute_capability,
-            "tensorrt_version": self.tensorrt_version,
-            "precision": self.precision,
-            "onnx_sha256": self.onnx_sha256,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "EngineKey":
-        return cls(
-            compute_capability=str(data["compute_capability"]),
-            tensorrt_version=str(data["tensorrt_version"]),
-            precision=str(data["precision"]),
-            onnx_sha256=str(data["onnx_sha256"]),
-        )
-
-
-def current_engine_key(
-    onnx_bytes: bytes,
-    precision: str,
-    gpu: GpuInfo | None = None,
-    trt_version: str | None = None,
-) -> EngineKey:
-    """The key an engine built here, now, from ``onnx_bytes`` would get.
-
-    Args:
-        onnx_bytes: the serialized ONNX graph.
-        precision: ``"fp32" | "fp16" | "int8"``.
-        gpu: the target GPU; probed when ``None``.
-        trt_version: the TensorRT version; probed when ``None``.
-
-    Returns:
-        The :class:`EngineKey`.
-
-    Raises:
-        BackendUnavailableError: when no GPU is visible or TensorRT is not importable.
-    """
-    if gpu is None:
-        gpu = probe_gpu()
-        if gpu is None:
-            raise BackendUnavailableError("no CUDA GPU is visible, so there is no compute capability to key on")
-    if trt_version is None:
-        info = probe_tensorrt()
-        if info is None:
-            raise BackendUnavailableError("TensorRT is not importable: `pip install galr[tensorrt]` on a GPU machine")
-        trt_version = info.version
-    return EngineKey(gpu.compute_capability, trt_version, precision, onnx_sha256(onnx_bytes))
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split(".") if part.isdigit())
-
-
-def check_engine_compatible(
-    recorded: EngineKey,
-    current_gpu: GpuInfo | str,
-    current_trt_version: str,
-    *,
-    current_onnx_sha256: str | None = None,
-    version_compatible: bool = False,
-    bundle: str = "<bundle>",
-) -> None:
-    """Refuse an engine that will not load (or would run a stale graph) on this machine.
-
-    Args:
-        recorded: the key stored with the engine.
-        current_gpu: this machine's GPU, or its compute capability string.
-        current_trt_version: the installed TensorRT version.
-        current_onnx_sha256: hash of the ONNX the bundle ships now; checked when given.
-        version_compatible: the engine was built with ``VERSION_COMPATIBLE``, so a newer TensorRT may load it.
-        bundle: bundle path shown in the rebuild command.
-
-    Raises:
-        EngineMismatchError: listing every difference and the ``galr-build`` command that fixes it.
-    """
-    capability = current_gpu if isinstance(current_gpu, str) else current_gpu.compute_capability
-    differences = []
-    if recorded.compute_capability != capability:
-        differences.append(f"GPU architecture: engine {recorded.compute_capability}, this GPU {capability}")
-    same_version = recorded.tensorrt_version == current_trt_version
-    newer_runtime_ok = version_compatible and _version_tuple(current_trt_version) >= _version_tuple(
-        recorded.tensorrt_version
-    )
-    if not (same_version or newer_runtime_ok):
-        differences.append(
-            f"TensorRT: engine built with {recorded.tensorrt_version}, installed {current_trt_version}"
-        )
-    if current_onnx_sha256 is not None and recorded.onnx_sha256 != current_onnx_sha256:
-        differences.append(
-            f"ONNX graph: engine from {recorded.onnx_sha256[:12]}, bundle has {current_onnx_sha256[:12]}"
-        )
-    if differences:
-        raise EngineMismatchError(
-            f"engine {recorded.as_string()} does not match this machine ({'; '.join(differences)}). "
-            f"Rebuild it here with `{REBUILD_COMMAND.format(bundle=bundle)}`, or use the onnxruntime backend."
-        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -280,6 +157,7 @@ class TensorRTRunner(Runner):
     """
 
     name = "tensorrt"
+    thread_safe = False  # one execution context: concurrent enqueues would share its buffers
 
     def __init__(
         self,
@@ -292,7 +170,7 @@ class TensorRTRunner(Runner):
         gpu_probe: Callable[[], GpuInfo | None] = probe_gpu,
     ) -> None:
         if max_cached_shapes < 1:
-            raise ValueError(f"max_cached_shapes must be at least 1, got {max_cached_shapes}")
+            raise InputError(f"max_cached_shapes must be at least 1, got {max_cached_shapes}")
         self._trt = trt if trt is not None else import_tensorrt()
         self._cupy = cupy if cupy is not None else import_cupy()
         self.gpu = gpu_probe()
@@ -410,15 +288,66 @@ class TensorRTRunner(Runner):
         self._stream = None
 
 
+@dataclass(frozen=True)
+class TensorRTOptions(BackendOptions):
+    """Settings of the ``tensorrt`` backend.
+
+    Attributes:
+        allow_host_code: set for engines built ``VERSION_COMPATIBLE`` (they embed a lean runtime).
+        max_cached_shapes: input-shape combinations that keep their device buffers, per graph.
+        trt: the ``tensorrt`` module to use (tests inject a fake); imported when ``None``.
+        cupy: the ``cupy`` module to use (tests inject a fake); imported when ``None``.
+        gpu_probe: returns the visible GPU or ``None`` (tests inject one).
+    """
+
+    allow_host_code: bool = False
+    max_cached_shapes: int = DEFAULT_MAX_CACHED_SHAPES
+    trt: ModuleType | None = None
+    cupy: ModuleType | None = None
+    gpu_probe: Callable[[], GpuInfo | None] = probe_gpu
+
+    backend = "tensorrt"
+
+
+def _probe(device: str, environment: Environment) -> str | None:
+    if environment.tensorrt is None:
+        return "TensorRT not installed"
+    if environment.gpu is None:
+        return "no CUDA GPU visible"
+    if not environment.cupy_available:
+        return "CuPy not installed (the TensorRT runner's GPU memory)"
+    return None
+
+
+def _make_runners(request: RunnerRequest) -> dict[str, Runner]:
+    options = request.options if isinstance(request.options, TensorRTOptions) else TensorRTOptions()
+    gpu = options.gpu_probe() if options.trt is not None else request.environment.gpu
+    version = str(options.trt.__version__) if options.trt is not None else request.environment.tensorrt.version
+    if gpu is None:
+        raise BackendUnavailableError("the tensorrt backend needs a CUDA GPU and none is visible; use onnxruntime")
+    entry = select_engine_entry(request.bundle, request.precision, gpu.compute_capability, version)
+    allow_host_code = options.allow_host_code or entry.version_compatible
+    return {name: request.stack.enter_context(TensorRTRunner(
+                request.bundle.read_member(entry.members[name]), allow_host_code=allow_host_code,
+                max_cached_shapes=options.max_cached_shapes, trt=options.trt, cupy=options.cupy,
+                gpu_probe=options.gpu_probe))
+            for name in graphs.GRAPH_NAMES}
+
+
+BACKEND = Backend(
+    name="tensorrt", devices=("cuda",), rank=10, probe=_probe, make_runners=_make_runners,
+    fix="install TensorRT and CuPy with `pip install galr[tensorrt]` on a machine whose NVIDIA GPU shows in "
+        "nvidia-smi, build engines with `galr-build`, or choose backend 'onnxruntime'",
+    options_type=TensorRTOptions,
+)
+
+
 __all__ = [
-    "EngineKey",
-    "EngineMismatchError",
+    "BACKEND",
     "ProfileRange",
+    "TensorRTOptions",
     "TensorRTRunner",
-    "check_engine_compatible",
-    "current_engine_key",
     "import_cupy",
     "import_tensorrt",
-    "onnx_sha256",
     "tensorrt_major",
 ]

@@ -1,4 +1,8 @@
-"""Parity gates: the exported graphs must give the trained model's embeddings, or export fails."""
+"""Parity of two sets of embeddings, and the gates an exported precision must pass.
+
+Torch-free: the export's gates, the INT8 calibration report and the benchmarks compare embeddings
+with the same :func:`compare`.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from galr.errors import GateError
 
-class ParityError(RuntimeError):
+
+class ParityError(GateError):
     """An exported graph disagrees with its reference beyond the gate's tolerance."""
 
 

@@ -5,33 +5,28 @@ The command only parses arguments, opens files and reports; the work is in :mod:
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import click
-
-from galr import paths
-from galr.runtime.backends.base import RunnerError
+from galr.runtime.backends.registry import AUTO, REQUESTABLE_DEVICES, backend_names
 from galr.runtime.encoders import QueryError, load_engine
 from galr.runtime.index import (
     IMAGE_SUFFIXES,
     GalleryIndex,
-    IndexFormatError,
-    IndexModelMismatchError,
     SkippedImage,
     build_index,
     encode_image_files,
     iter_image_files,
     load_index,
-    read_text_lines,
 )
 
-EXIT_OK = 0
-EXIT_NOTHING_INDEXED = 1  # no image found, or every image failed; nothing was written
-EXIT_INPUT = 2  # bad usage or a bad input file: bundle, index, local-feature file, text bank, ids
+from galr import paths
+from galr.console import GalrCommand, printable
+from galr.errors import InputError, NotFoundError, NothingDoneError
+from galr.preprocess.text import read_text_lines
 
 _MAX_REASONS = 20  # skipped images listed one per line; the rest are counted
 
@@ -40,19 +35,7 @@ Examples:
   galr-index scenes/ --engine galr.plan --detections dets/ -o gallery.gidx
   galr-index new_scenes/ --update --text-bank captions.txt
   galr-index --remove harbour/0042.png --remove harbour/0043.png
-\b
-Exit codes:
-  0  index written
-  1  nothing indexed (no image found, or every image failed); nothing written
-  2  bad usage or input: missing/corrupt bundle or index, index of another model,
-     unreadable --local or --text-bank file, unknown ids to remove
 """
-
-
-class InputError(click.ClickException):
-    """A bad input file or value: printed without a traceback, exit code 2."""
-
-    exit_code = EXIT_INPUT
 
 
 def _collect_images(arguments: Sequence[Path]) -> list[Path]:
@@ -64,7 +47,7 @@ def _collect_images(arguments: Sequence[Path]) -> list[Path]:
         elif argument.is_file():
             files.append(argument)
         else:
-            raise InputError(f"{argument}: no such image file or folder")
+            raise NotFoundError(f"{argument}: no such image file or folder")
     return files
 
 
@@ -79,42 +62,16 @@ def _image_root(arguments: Sequence[Path], explicit: Path | None, index: Gallery
     return None
 
 
-def _open_engine(bundle: Path, backend: str, device: str, precision: str) -> Any:
-    from galr.runtime.backends.device import BackendUnavailableError
-    from galr.runtime.bundle import BundleError
-
-    if not bundle.is_file():
-        raise InputError(f"no bundle at {bundle}: make one with `galr-export`, or pass --engine PATH")
-    try:
-        return load_engine(bundle, backend=backend, device=device, precision=precision)
-    except (BundleError, BackendUnavailableError, FileNotFoundError) as exc:
-        raise InputError(str(exc)) from None
-
-
-def _local_input(detections: Path | None, local_file: Path | None, engine: Any) -> Any:
+def _local_input(detections: Path | None, local_file: Path | None, encoders: Any) -> Any:
     """The DREA source handed to the encoder: a detections folder, a local-feature table or None."""
     if detections is not None:
         return detections
     if local_file is None:
         return None
-    from galr.preprocess.local_file import LocalFileError, load_local_file
+    from galr.preprocess.local_file import load_local_file
 
-    drea = getattr(engine, "drea_config", None)
-    shape = {"num_objects": drea.num_objects, "object_dim": drea.feature_dim} if drea is not None else {}
-    try:
-        return load_local_file(local_file, **shape)
-    except (LocalFileError, FileNotFoundError) as exc:
-        raise InputError(str(exc)) from None
-
-
-def _read_captions(text_bank: Path) -> list[str]:
-    try:
-        captions = read_text_lines(text_bank)
-    except (FileNotFoundError, ValueError) as exc:
-        raise InputError(str(exc)) from None
-    if not captions:
-        raise InputError(f"{text_bank} has no captions (one per line; blank lines and # comments are ignored)")
-    return captions
+    drea = encoders.spec.drea
+    return load_local_file(local_file, num_objects=drea.num_objects, object_dim=drea.feature_dim)
 
 
 def _encode_quietly(encode, *args: Any) -> tuple[Any, set[str]]:
@@ -144,7 +101,8 @@ def _report_skipped(skipped: Sequence[SkippedImage]) -> None:
     click.echo(f"skipped {_count(len(skipped), 'image')}:", err=True)
     for item in skipped[:_MAX_REASONS]:
         # Image errors already name the file; other reasons get the path in front.
-        click.echo(f"  {item.reason if item.path in item.reason else f'{item.path}: {item.reason}'}", err=True)
+        reason = item.reason if item.path in item.reason else f"{item.path}: {item.reason}"
+        click.echo(f"  {printable(reason)}", err=True)
     if len(skipped) > _MAX_REASONS:
         click.echo(f"  ... and {len(skipped) - _MAX_REASONS} more", err=True)
 
@@ -164,7 +122,8 @@ def _size_text(size: int) -> str:
     return f"{value:.1f} {unit}"
 
 
-@click.command(name="galr-index", context_settings={"help_option_names": ["-h", "--help"]}, epilog=_EPILOG)
+@click.command("galr-index", cls=GalrCommand, context_settings={"help_option_names": ["-h", "--help"]},
+               epilog=_EPILOG)
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--engine", "bundle", type=click.Path(path_type=Path), default=paths.DEFAULT_BUNDLE, show_default=True,
               help="The galr.plan bundle whose image encoder makes the embeddings.")
@@ -176,9 +135,9 @@ def _size_text(size: int) -> str:
               show_default=True, help="The index file to write (or edit, with --update/--remove).")
 @click.option("--storage", type=click.Choice(["fp32", "fp16"]), default=None,
               help="Embedding storage; fp16 halves memory and file size  [default: fp32; an existing index keeps its own]")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per engine call.")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per encoder call.")
+@click.option("--backend", type=click.Choice([AUTO, *backend_names()]), default=AUTO, show_default=True)
+@click.option("--device", type=click.Choice(list(REQUESTABLE_DEVICES)), default=AUTO, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True)
 @click.option("--text-bank", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Captions (one per line, # comments) stored as the MR text bank, replacing any earlier bank.")
@@ -209,71 +168,59 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, local_
     if update and not (images or text_bank or removals):
         raise click.UsageError("--update needs IMAGES to add, --text-bank or --remove")
     if editing and not output.is_file():
-        raise InputError(f"no index at {output} to edit; build it first: galr-index IMAGES --engine {bundle} -o {output}")
+        raise NotFoundError(f"no index at {output} to edit; build it first: galr-index IMAGES --engine {bundle} "
+                            f"-o {output}")
 
     started = time.perf_counter()
-    captions = _read_captions(text_bank) if text_bank is not None else None
+    captions = [line.text for line in read_text_lines(text_bank, "captions")] if text_bank is not None else None
     files = _collect_images(images)
     if images and not files:
         suffixes = ", ".join(sorted(s.lstrip(".") for s in IMAGE_SUFFIXES))
-        click.echo(f"galr-index: no images ({suffixes}) in {', '.join(map(str, images))}; nothing written", err=True)
-        sys.exit(EXIT_NOTHING_INDEXED)
+        raise NothingDoneError(f"no images ({suffixes}) in {', '.join(map(str, images))}; nothing written")
 
-    engine = _open_engine(bundle, backend, device, precision) if (files or captions) else None
+    encoders = load_engine(bundle, backend=backend, device=device, precision=precision) if (files or captions) else None
     try:
-        if engine is not None:
-            click.echo(f"engine: {engine.info.describe()} ({bundle})")
-        _run(engine, files, images, output, storage, batch_size, detections, local_file, captions, editing,
+        if encoders is not None:
+            click.echo(f"engine: {encoders.info.describe()}")
+        _run(encoders, files, images, output, storage, batch_size, detections, local_file, captions, editing,
              removals, root, progress)
-    except RunnerError as exc:  # the bundle's graphs disagree with its manifest or this machine
-        raise InputError(f"the engine of {bundle} failed: {exc}") from None
     finally:
-        if engine is not None and hasattr(engine, "close"):
-            engine.close()
+        if encoders is not None:
+            encoders.close()
     size = _size_text(output.stat().st_size)
-    click.echo(f"wrote {output} ({size}) in {time.perf_counter() - started:.1f} s")
+    click.echo(f"wrote {printable(output)} ({size}) in {time.perf_counter() - started:.1f} s")
 
 
-def _run(engine: Any, files: list[Path], images: Sequence[Path], output: Path, storage: str | None, batch_size: int,
+def _run(encoders: Any, files: list[Path], images: Sequence[Path], output: Path, storage: str | None, batch_size: int,
          detections: Path | None, local_file: Path | None, captions: list[str] | None, editing: bool,
          removals: list[str], root: Path | None, progress: bool) -> None:
     """Load or build the index, apply the edits and save it (the body of :func:`main`)."""
     index = None
     if editing:
-        try:
-            index = load_index(output, expected_model_hash=engine.model_hash if engine is not None else None)
-        except (IndexFormatError, IndexModelMismatchError, FileNotFoundError) as exc:
-            raise InputError(str(exc)) from None
+        index = load_index(output, expected_model_hash=encoders.model_hash if encoders is not None else None)
         if storage is not None and storage != index.storage:
             raise InputError(f"{output} stores {index.storage} embeddings; to change to {storage} rebuild it: "
                              f"galr-index IMAGES --storage {storage} -o {output}")
         if removals:
-            try:
-                index.remove(removals)
-            except KeyError as exc:
-                raise InputError(exc.args[0]) from None
+            index.remove(removals)
             click.echo(f"removed {_count(len(set(removals)), 'image')}")
 
     if files:
-        local = _local_input(detections, local_file, engine)
+        local = _local_input(detections, local_file, encoders)
         image_root = _image_root(images, root, index)
-        try:
-            if index is None:
-                (index, skipped), without = _encode_quietly(build_index, engine, files, local, batch_size,
-                                                            storage or "fp32", progress, image_root)
-                indexed, replaced = len(index), 0
-            else:
-                (records, embeddings, skipped), without = _encode_quietly(
-                    encode_image_files, engine, files, local, batch_size, progress, image_root)
-                indexed, replaced = len(records), sum(record.id in index for record in records)
-                if records:
-                    index.add(records, embeddings, replace=True)
-        except (ValueError, NotADirectoryError) as exc:  # repeated ids, a path outside --root
-            raise InputError(str(exc)) from None
+        if index is None:
+            (index, skipped), without = _encode_quietly(build_index, encoders, files, local, batch_size,
+                                                        storage or "fp32", progress, image_root)
+            indexed, replaced = len(index), 0
+        else:
+            (records, embeddings, skipped), without = _encode_quietly(
+                encode_image_files, encoders, files, local, batch_size, progress, image_root)
+            indexed, replaced = len(records), sum(record.id in index for record in records)
+            if records:
+                index.add(records, embeddings, replace=True)
         _report_skipped(skipped)
         if indexed == 0:
-            click.echo(f"galr-index: none of the {len(files)} images could be indexed; nothing written", err=True)
-            sys.exit(EXIT_NOTHING_INDEXED)
+            raise NothingDoneError(f"none of the {len(files)} images could be indexed; nothing written")
         if local is None:
             click.echo("note: no --detections or --local given, so every image uses the no-detection fallback "
                        "(all-zero local features)")
@@ -284,7 +231,7 @@ def _run(engine: Any, files: list[Path], images: Sequence[Path], output: Path, s
 
     if captions is not None:
         try:
-            index.add_text_bank(captions, engine.encode_text(captions), replace=True)
+            index.add_text_bank(captions, encoders.encode_text(captions), replace=True)
         except QueryError as exc:
             raise InputError(f"text bank: {exc}") from None
         click.echo(f"text bank: {_count(len(captions), 'caption')}")
@@ -293,4 +240,4 @@ def _run(engine: Any, files: list[Path], images: Sequence[Path], output: Path, s
                f"text bank {_count(len(index.text_bank_texts), 'caption')}")
 
 
-__all__ = ["EXIT_INPUT", "EXIT_NOTHING_INDEXED", "EXIT_OK", "main"]
+__all__ = ["main"]

@@ -9,6 +9,8 @@ import io
 from pathlib import Path
 from typing import Sequence
 
+from galr.atomic import write_text_atomically
+
 THUMBNAIL_PX = 160
 
 _STYLE = """
@@ -73,6 +75,7 @@ def render_contact_sheet(results: Sequence, title: str, subtitle: str, mode: str
 
 
 def write_contact_sheet(path: str | Path, results: Sequence, title: str, subtitle: str, mode: str = "text2image") -> Path:
+    """Write the contact sheet to ``path`` atomically (a failed write leaves the previous file)."""
     path = Path(path)
-    path.write_text(render_contact_sheet(results, title, subtitle, mode), encoding="utf-8")
+    write_text_atomically(path, render_contact_sheet(results, title, subtitle, mode))
     return path

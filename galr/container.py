@@ -1,0 +1,309 @@
+"""Checked zip containers: the storage under ``galr.plan`` bundles and ``.gidx`` indexes.
+
+A container is an uncompressed zip whose JSON table of contents (the bundle's ``manifest.json``,
+the index's ``header.json``) records the SHA-256 and size of every other member. This module owns
+the rules both formats share:
+
+* **Writing** (:class:`ContainerWriter`) goes through the one atomic writer: a temporary file in
+  the destination folder, fsync, rename. Members are stored (never compressed) and hashed while
+  they are written, so a large array is streamed, not held twice.
+* **Reading** (:class:`ContainerReader`) trusts nothing in the file: a member must be stored, its
+  size in the zip directory must equal the size the table declares (checked *before* anything is
+  inflated or read), and its bytes must hash to the declared SHA-256. The table itself is size-capped.
+  Every way ``zipfile`` fails on a damaged file (bad offsets, an unknown compression method, the
+  encrypted flag, a truncated stream) comes out as the caller's error class with the caller's fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+import zipfile
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator, Mapping
+
+import numpy as np
+from numpy.lib import format as npy_format
+
+from galr.atomic import atomic_output
+from galr.errors import InputError
+
+#: What ``zipfile`` raises on damaged archives (offsets, headers, methods, flags, streams).
+ZIP_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError, RuntimeError,
+    ValueError, OverflowError, struct.error, zlib.error, KeyError, UnicodeDecodeError,
+)
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_ENCRYPTED_FLAG = 0x1
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_member_entry(name: str, entry: Any) -> str | None:
+    """Why a table-of-contents entry is malformed (``None`` when it is ``{"sha256", "size"}``)."""
+    if not isinstance(entry, Mapping):
+        return f"member {name!r}: entry is a {type(entry).__name__}, not an object"
+    unknown = sorted(set(entry) - {"sha256", "size"})
+    if unknown:
+        return f"member {name!r}: unknown fields {unknown}"
+    if not isinstance(entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
+        return f"member {name!r}: sha256 must be 64 lowercase hex digits"
+    size = entry.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        return f"member {name!r}: size must be a non-negative integer"
+    return None
+
+
+class _HashingReader:
+    """A read-only stream that hashes and counts what passes through it, refusing to go past ``limit``."""
+
+    def __init__(self, source: BinaryIO, limit: int) -> None:
+        self._source, self._limit = source, limit
+        self.sha256, self.size = hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        remaining = self._limit - self.size
+        want = remaining + 1 if size is None or size < 0 else min(size, remaining + 1)
+        data = self._source.read(want)
+        self.size += len(data)
+        if self.size > self._limit:
+            raise InputError(f"more than the declared {self._limit} bytes")
+        self.sha256.update(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        """Fill ``buffer`` in chunks (a large array is never held twice)."""
+        view = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(view):
+            data = self.read(min(1 << 24, len(view) - filled))
+            if not data:
+                break
+            view[filled:filled + len(data)] = data
+            filled += len(data)
+        return filled
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+class _HashingWriter:
+    """A write-only stream that hashes and counts what passes through it."""
+
+    def __init__(self, target: BinaryIO) -> None:
+        self._target, self.sha256, self.size = target, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._target.write(data)
+
+
+class ContainerReader:
+    """An open container; every read is checked (see the module docstring).
+
+    Args:
+        path: the file.
+        error: the error class raised for anything wrong with the file (an :class:`InputError`).
+        fix: what the user should do about a damaged file, appended to messages
+            (e.g. ``"re-export it with galr-export"``).
+
+    Raises:
+        error: the file is not a readable zip.
+    """
+
+    def __init__(self, path: str | Path, *, error: type[InputError], fix: str) -> None:
+        self.path, self._error, self._fix = Path(path), error, fix
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+            self._infos = {info.filename: info for info in self._zip.infolist()}
+        except ZIP_ERRORS as exc:
+            raise self.damaged(f"not a readable zip archive ({_describe(exc)})") from None
+
+    def __enter__(self) -> "ContainerReader":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._zip.close()
+
+    def damaged(self, what: str) -> InputError:
+        """The caller's error for a damaged file, with its fix."""
+        return self._error(f"{self.path}: {what}; the file is damaged or was not copied completely. {self._fix}")
+
+    def names(self) -> set[str]:
+        return set(self._infos)
+
+    def _checked_info(self, name: str, declared_size: int | None) -> zipfile.ZipInfo:
+        info = self._infos.get(name)
+        if info is None:
+            raise self.damaged(f"member {name!r} is missing")
+        if info.flag_bits & _ENCRYPTED_FLAG:
+            raise self.damaged(f"member {name!r} is marked encrypted")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise self.damaged(f"member {name!r} is compressed (method {info.compress_type}); the format stores "
+                               "members uncompressed")
+        if declared_size is not None and info.file_size != declared_size:
+            raise self.damaged(f"member {name!r} is {info.file_size} bytes, the table says {declared_size}")
+        return info
+
+    def read_table(self, name: str, max_bytes: int) -> Any:
+        """Parse the JSON table of contents (at most ``max_bytes``); its shape is the caller's to check."""
+        info = self._checked_info(name, None)
+        if info.file_size > max_bytes:
+            raise self.damaged(f"{name} is implausibly large ({info.file_size} bytes, at most {max_bytes})")
+        try:
+            with self._zip.open(info) as member:
+                raw = member.read(max_bytes + 1)
+        except ZIP_ERRORS as exc:
+            raise self.damaged(f"{name} cannot be read ({_describe(exc)})") from None
+        if len(raw) != info.file_size:
+            raise self.damaged(f"{name} is truncated")
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise self.damaged(f"{name} is not valid JSON ({_describe(exc)})") from None
+
+    @contextmanager
+    def open_member(self, name: str, entry: Mapping[str, Any]) -> Iterator[BinaryIO]:
+        """A stream of a member's bytes; on leaving, the rest is read and the SHA-256 checked.
+
+        ``entry`` is the table's ``{"sha256", "size"}`` for the member (checked with
+        :func:`check_member_entry` by the caller). Parse errors inside the block (``ValueError``)
+        and zip errors become the caller's error class.
+        """
+        size = int(entry["size"])
+        info = self._checked_info(name, size)
+        try:
+            with self._zip.open(info) as member:
+                reader = _HashingReader(member, size)
+                yield reader  # type: ignore[misc]
+                reader.drain()
+        except InputError:
+            raise
+        except ZIP_ERRORS as exc:
+            raise self.damaged(f"member {name!r} cannot be read ({_describe(exc)})") from None
+        if reader.size != size or reader.sha256.hexdigest() != entry["sha256"]:
+            raise self.damaged(f"member {name!r} fails its SHA-256 check")
+
+    def read_member(self, name: str, entry: Mapping[str, Any]) -> bytes:
+        """A whole member's bytes, checked as :meth:`open_member` does."""
+        with self.open_member(name, entry) as stream:
+            return stream.read()
+
+    def read_array(self, name: str, entry: Mapping[str, Any], dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+        """A checked ``.npy`` member that must hold ``dtype`` and ``shape``.
+
+        The ``.npy`` header is checked against both, and against the member's size, before any array
+        is allocated: a damaged header declaring terabytes is refused, not attempted. Object arrays
+        (pickles) are never loaded.
+        """
+        expected = np.dtype(dtype)
+        with self.open_member(name, entry) as stream:
+            try:
+                version = npy_format.read_magic(stream)
+                header = (npy_format.read_array_header_1_0 if version == (1, 0) else
+                          npy_format.read_array_header_2_0)(stream)
+            except (ValueError, SyntaxError, TypeError, RecursionError) as exc:
+                raise self.damaged(f"member {name!r} has no valid .npy header ({_describe(exc)})") from None
+            found_shape, fortran, found_dtype = header
+            if found_dtype != expected or tuple(found_shape) != tuple(shape) or fortran:
+                raise self.damaged(f"member {name!r} holds {found_dtype} {tuple(found_shape)}, expected {expected} "
+                                   f"{tuple(shape)}")
+            array = np.empty(shape, dtype=expected)
+            view = memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
+            if stream.readinto(view) != len(view):
+                raise self.damaged(f"member {name!r} is shorter than its array")
+        return array
+
+    def read_json_member(self, name: str, entry: Mapping[str, Any]) -> Any:
+        """A checked member parsed as UTF-8 JSON."""
+        data = self.read_member(name, entry)
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise self.damaged(f"member {name!r} is not valid JSON ({_describe(exc)})") from None
+
+
+class ContainerWriter:
+    """Write a container atomically; :attr:`entries` collects the table of contents.
+
+    Use as a context manager: the file replaces ``path`` only when the block ends without an error.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.entries: dict[str, dict[str, Any]] = {}
+        self._output: Any = None
+        self._zip: zipfile.ZipFile | None = None
+
+    def __enter__(self) -> "ContainerWriter":
+        self._output = atomic_output(self.path)
+        handle = self._output.__enter__()
+        self._zip = zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> bool | None:
+        try:
+            self._zip.close()
+        except Exception:
+            if exc_type is None:
+                raise
+            # Already failing: the temporary file is discarded below; keep the original error.
+        return self._output.__exit__(exc_type, exc, traceback)
+
+    @contextmanager
+    def open(self, name: str) -> Iterator[BinaryIO]:
+        """Stream one member; its hash and size land in :attr:`entries`."""
+        with self._zip.open(name, "w", force_zip64=True) as member:
+            writer = _HashingWriter(member)
+            yield writer  # type: ignore[misc]
+        self.entries[name] = {"sha256": writer.sha256.hexdigest(), "size": writer.size}
+
+    def write_bytes(self, name: str, data: bytes) -> dict[str, Any]:
+        """Store a member given as bytes; returns its table entry."""
+        self._zip.writestr(name, data)
+        self.entries[name] = {"sha256": sha256_bytes(data), "size": len(data)}
+        return self.entries[name]
+
+    def write_array(self, name: str, array: np.ndarray) -> dict[str, Any]:
+        """Store an array as ``.npy`` (streamed, never pickled); returns its table entry."""
+        with self.open(name) as stream:
+            npy_format.write_array(stream, np.ascontiguousarray(array), allow_pickle=False)
+        return self.entries[name]
+
+    def write_json(self, name: str, payload: Any, *, indent: int | None = None, record: bool = True) -> None:
+        """Store ``payload`` as UTF-8 JSON (compact unless ``indent``: json's C encoder only runs then).
+
+        ``record=False`` for the table of contents itself, which lists the others.
+        """
+        data = json.dumps(payload, indent=indent, separators=None if indent else (",", ":"), ensure_ascii=False,
+                          allow_nan=False, sort_keys=bool(indent)).encode("utf-8")
+        if record:
+            self.write_bytes(name, data)
+        else:
+            self._zip.writestr(name, data)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+__all__ = [
+    "ZIP_ERRORS",
+    "ContainerReader",
+    "ContainerWriter",
+    "check_member_entry",
+    "sha256_bytes",
+]

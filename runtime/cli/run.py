@@ -1,0 +1,107 @@
+"""``galr-run``: answer queries from a file against a gallery index (torch-free)."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+
+import click
+from galr.runtime.backends.registry import AUTO, REQUESTABLE_DEVICES, backend_names
+
+from galr import paths
+from galr.atomic import write_text_atomically
+from galr.config import RerankConfig
+from galr.console import GalrCommand, printable
+from galr.errors import NotFoundError
+from galr.preprocess.text import read_text_lines
+
+_EPILOG = """\b
+Examples:
+  galr-run query.txt --engine galr.plan
+  galr-run query.txt --engine galr.plan --index gallery.gidx --top-k 10 --json hits.json --html hits.html
+  galr-run images.txt --mode image2text --detections dets/
+"""
+
+
+def read_queries(path: Path) -> list[str]:
+    """One query per line; blank lines and lines starting with ``#`` are ignored.
+
+    Raises:
+        NotFoundError, InputError: see :func:`galr.preprocess.text.read_text_lines`.
+    """
+    return [line.text for line in read_text_lines(path, "queries")]
+
+
+@click.command("galr-run", cls=GalrCommand, epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("query_file", type=click.Path(path_type=Path))
+@click.option("--engine", "bundle", type=click.Path(path_type=Path), default=paths.DEFAULT_BUNDLE, show_default=True,
+              help="The galr.plan bundle made by galr-export.")
+@click.option("--index", "index_path", type=click.Path(path_type=Path), default=paths.DEFAULT_INDEX, show_default=True,
+              help="Gallery index made by galr-index with the same bundle.")
+@click.option("--top-k", type=click.IntRange(1, 1000), default=5, show_default=True)
+@click.option("--rerank/--no-rerank", default=True, show_default=True,
+              help="Multivariate rerank (needs the index's text bank for text queries).")
+@click.option("--mode", type=click.Choice(["text2image", "image2text"]), default="text2image", show_default=True,
+              help="image2text: QUERY_FILE lists image paths, answered with captions of the index's text bank.")
+@click.option("--detections", type=click.Path(path_type=Path), default=None,
+              help="image2text: folder of detection files for the query images.")
+@click.option("--backend", type=click.Choice([AUTO, *backend_names()]), default=AUTO, show_default=True)
+@click.option("--device", type=click.Choice(list(REQUESTABLE_DEVICES)), default=AUTO, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True)
+@click.option("--k", "mr_k", type=int, default=RerankConfig.k, show_default=True, help="MR candidates (at least 10).")
+@click.option("--wp1", type=float, default=RerankConfig.wp1, show_default=True, help="MR salience weight.")
+@click.option("--wp2", type=float, default=RerankConfig.wp2, show_default=True, help="MR reverse-rank weight.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write results as JSON.")
+@click.option("--html", "html_path", type=click.Path(path_type=Path), default=None,
+              help="Also write a self-contained HTML contact sheet with thumbnails.")
+def main(query_file, bundle, index_path, top_k, rerank, mode, detections, backend, device, precision, mr_k,
+         wp1, wp2, json_path, html_path) -> None:
+    """Search the gallery for every query in QUERY_FILE (one per line) and show the best images."""
+    from galr.runtime.report.table import format_results
+    from galr.runtime.retriever import Retriever
+
+    from galr.retrieval.rerank import MIN_CANDIDATES
+
+    queries = read_queries(query_file)
+    if mode == "image2text":
+        missing = [q for q in queries if not Path(q).is_file()]
+        if missing:
+            raise NotFoundError(f"image not found: {missing[0]} (image2text reads one image path per line)")
+    config = RerankConfig(k=max(mr_k, MIN_CANDIDATES), wp1=wp1, wp2=wp2)
+    start = time.perf_counter()
+    retriever = Retriever.open(bundle, index_path, backend=backend, device=device, precision=precision, rerank=config)
+    load_ms = (time.perf_counter() - start) * 1e3
+    with retriever:
+        index = retriever.index
+        click.echo(f"engine: {retriever.encoders.info.describe()} · loaded in {load_ms:.0f} ms")
+        click.echo(f"index:  {printable(index_path)} · {len(index)} images · text bank "
+                   f"{len(index.text_bank_texts)} captions")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if mode == "text2image":
+                results = retriever.search_text(queries, top_k=top_k, rerank=rerank)
+            else:
+                results = retriever.search_images(queries, local=str(detections) if detections else None,
+                                                  top_k=top_k, rerank=rerank)
+        for message in dict.fromkeys(str(w.message) for w in caught):
+            click.echo(f"warning: {printable(message)}", err=True)
+        click.echo(format_results(results, mode))
+        total = sum(sum(r.timings_ms.values()) for r in results)
+        click.echo(f"\n{len(results)} queries in {total:.1f} ms ({total / len(results):.2f} ms per query)")
+        info = retriever.encoders.info
+        if json_path:
+            payload = {"engine": info.describe(), "bundle": str(bundle), "index": str(index_path), "mode": mode,
+                       "rerank": {"enabled": rerank, **config.__dict__}, "results": [r.to_dict() for r in results]}
+            write_text_atomically(json_path, json.dumps(payload, indent=2))
+            click.echo(f"wrote {printable(json_path)}")
+        if html_path:
+            from galr.runtime.report.html import write_contact_sheet
+
+            subtitle = f"{info.describe()} · {len(index)} images · MR {'on' if rerank else 'off'}"
+            write_contact_sheet(html_path, results, f"galr-run: {query_file.name}", subtitle, mode)
+            click.echo(f"wrote {printable(html_path)}")
+
+
+__all__ = ["main", "read_queries"]
