@@ -57,9 +57,8 @@ def run_accuracy(checkpoint: Path, dataset: Path, log: Log) -> dict[str, Any]:
         return not_run(f"no trained model at {checkpoint}")
     if not Path(dataset).is_dir():
         return not_run(f"no benchmark dataset at {dataset}")
-    from galr.export.pipeline import ExportSettings, export_bundle
-
     from galr.errors import GalrError
+    from galr.export.pipeline import ExportSettings, export_bundle
 
     elapsed = stopwatch()
     with tempfile.TemporaryDirectory(prefix="galr-bench-accuracy-") as work:

@@ -114,7 +114,6 @@ def _settings(options: BenchOptions, threads: int) -> dict[str, Any]:
     from galr.bench.harness import TimingSettings
     from galr.bench.limits import PeakSettings
     from galr.bench.rerank import RerankBenchSettings
-
     from galr.config import GaLRConfig
 
     seed = options.seed

@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from galr import graphs
 from galr.bench.harness import (
     STATUS_OK,
     Case,
@@ -48,8 +50,6 @@ from galr.bench.harness import (
     run_interleaved,
     stopwatch,
 )
-
-from galr import graphs
 from galr.config import GaLRConfig
 from galr.errors import InputError
 
@@ -168,6 +168,8 @@ def prepare_model(config: GaLRConfig, work_dir: Path, *, fp16: bool, calibration
         :attr:`BenchModel.int8_error` says why.
     """
     import torch
+
+    from galr.bundle import onnx_member, write_bundle
     from galr.calibration.fp16 import convert_to_fp16
     from galr.calibration.int8 import (
         CalibrationError,
@@ -176,8 +178,6 @@ def prepare_model(config: GaLRConfig, work_dir: Path, *, fp16: bool, calibration
     )
     from galr.export.onnx_export import export_all
     from galr.export.pipeline import ExportReport, ExportSettings, build_manifest
-
-    from galr.bundle import onnx_member, write_bundle
     from galr.model import GaLR
     from galr.model.checkpoint import LoadedCheckpoint, save_checkpoint
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
 from galr.bench.harness import (
     STATUS_OK,
     Log,

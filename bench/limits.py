@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from galr.bench.harness import (
     STATUS_OK,
     Log,
@@ -62,11 +63,9 @@ from galr.bench.harness import (
     measure,
     stopwatch,
 )
-
 from galr.config import GaLRConfig
 
 FLOAT_BYTES = 4
-IMAGE_ENCODERS = ("global", "local", "fusion")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from galr.bench.harness import (
     STATUS_OK,
     Log,
@@ -32,7 +33,6 @@ from galr.bench.harness import (
     measure,
     stopwatch,
 )
-
 from galr.config import RerankConfig
 from galr.errors import InputError
 
@@ -118,7 +118,6 @@ def run_rerank_benchmarks(settings: RerankBenchSettings, log: Log) -> dict[str, 
         ``goal_met``, and the output comparison.
     """
     from galr.bench import mr_reference
-
     from galr.retrieval.rerank import rerank_i2t, rerank_t2i
 
     elapsed = stopwatch()

@@ -13,8 +13,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
-from galr.runtime.backends.device import GpuInfo, probe_gpu, probe_tensorrt
-
 from galr import graphs
 from galr.bundle import (
     EngineEntry,
@@ -25,6 +23,7 @@ from galr.bundle import (
     utc_now,
 )
 from galr.errors import UnavailableError
+from galr.runtime.backends.device import GpuInfo, probe_gpu, probe_tensorrt
 
 
 class EngineBuildUnavailable(UnavailableError):
@@ -56,18 +55,19 @@ def build_bundle_engines(bundle_path: Path, precisions: list[str] | None = None,
         gpu_probe: returns the visible GPU (tests inject one).
 
     Raises:
+        NotFoundError, BundleError: the bundle is missing or damaged (checked first).
         EngineBuildUnavailable: TensorRT is not importable or no GPU is visible.
         TensorRTBuildError: a build failed (the bundle is left unchanged).
     """
     from galr.export.tensorrt import TensorRTBuildConfig, build_engine, default_profiles
 
+    bundle = read_bundle(bundle_path)  # a bad bundle is the user's to fix first, whatever the machine
     if trt is None:
         check_engine_build_possible()
     gpu = gpu_probe()
     if gpu is None:
         raise EngineBuildUnavailable("no CUDA GPU is visible")
     trt_version = str(trt.__version__) if trt is not None else probe_tensorrt().version
-    bundle = read_bundle(bundle_path)
     max_text = bundle.spec.max_text_length
     entries, members = [], {}
     for precision in precisions or bundle.precisions:

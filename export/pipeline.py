@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from galr.export.onnx_export import ExportOptions, export_all
 
 import galr
 from galr import graphs
@@ -36,6 +35,7 @@ from galr.bundle import (
 )
 from galr.container import sha256_bytes
 from galr.errors import InputError
+from galr.export.onnx_export import ExportOptions, export_all
 from galr.retrieval.parity import FP16_GATE, FP32_GATE, INT8_GATE, ParityError, compare
 
 
@@ -207,10 +207,9 @@ def _plain(value: Any) -> Any:
 def _accuracy_gates(bundle: Bundle, inputs, precisions: list[str], settings: ExportSettings, report: ExportReport,
                     log) -> None:
     """Evaluate every precision through the runtime exactly as it will serve, and gate FP16/INT8."""
-    from galr.runtime.encoders import load_engine
-
     from galr.config import RerankConfig
     from galr.retrieval.evaluate import evaluate_encoder
+    from galr.runtime.encoders import load_engine
 
     if settings.gate_images:
         inputs = inputs.subset(min(settings.gate_images, len(inputs.image_names)))
@@ -245,9 +244,8 @@ def export_bundle(settings: ExportSettings, log: Callable[[str], None] = print) 
         CheckpointError, BundleError, NotFoundError: bad inputs.
     """
     from galr.calibration.fp16 import convert_to_fp16
-    from galr.runtime.encoders import load_engine
-
     from galr.model import load_checkpoint
+    from galr.runtime.encoders import load_engine
 
     report = ExportReport(settings.output)
     if settings.tensorrt == "yes":  # fail before minutes of export, not after

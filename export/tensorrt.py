@@ -19,14 +19,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Mapping, Sequence
 
-from galr.runtime.backends.device import GpuInfo, probe_gpu
-from galr.runtime.backends.tensorrt import import_tensorrt, tensorrt_major
-
 from galr.atomic import write_bytes_atomically
 from galr.bundle import PRECISIONS
 from galr.config import GaLRConfig
 from galr.errors import InputError, UnavailableError
 from galr.graphs import BATCH_AXIS, GRAPH_NAMES, TEXT_AXIS, graph_io
+from galr.runtime.backends.device import GpuInfo, probe_gpu
+from galr.runtime.backends.tensorrt import import_tensorrt, tensorrt_major
 from galr.serialization import fields_from_dict
 
 LOG = logging.getLogger(__name__)

@@ -40,8 +40,8 @@ def _passive_openmp() -> None:
     """Let idle OpenMP threads sleep instead of spinning; only effective before torch is imported.
 
     torch's OpenMP threads busy-wait by default. On 2 cores shared with any other busy process that
-    made 2-thread training 10x slower (docs/training.md, "Threads"); passive waiting costs nothing
-    measurable when the machine is idle. A value the user set is kept.
+    made 2-thread training many times slower (measured in docs/training.md, "Threads"); passive waiting
+    costs nothing measurable when the machine is idle. A value the user set is kept.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -82,17 +82,6 @@ class RetrievalSplit:
         assert self.image_dir is not None  # set in __post_init__
         return self.image_dir / self.image_names[index]
 
-    def image_captions(self, index: int) -> tuple[str, ...]:
-        """The captions of image ``index``."""
-        if not 0 <= index < self.num_images:
-            raise IndexError(f"image index {index} out of range for split {self.name!r} with {self.num_images} images")
-        start = index * self.captions_per_image
-        return self.captions[start : start + self.captions_per_image]
-
-    def caption_image_index(self) -> np.ndarray:
-        """int64 [num_captions]: the image of each caption (``j // captions_per_image``)."""
-        return np.arange(self.num_captions, dtype=np.int64) // self.captions_per_image
-
     def subset(self, image_indices: Sequence[int], name: str | None = None) -> "RetrievalSplit":
         """A split with the given images (in the given order) and their captions."""
         indices = [int(i) for i in image_indices]

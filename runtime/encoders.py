@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from galr import graphs
+from galr.bundle import Bundle, BundleError, read_bundle
+from galr.errors import InputError
 from galr.runtime.backends.base import Runner
 from galr.runtime.backends.registry import (
     AUTO,
@@ -27,10 +31,6 @@ from galr.runtime.backends.registry import (
     make_runners,
     resolve_backend,
 )
-
-from galr import graphs
-from galr.bundle import Bundle, BundleError, read_bundle
-from galr.errors import InputError
 
 DEFAULT_IMAGE_BATCH = 32
 DEFAULT_TEXT_BATCH = 128

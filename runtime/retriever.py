@@ -23,12 +23,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from galr.runtime.index.searchers import Searcher
 
 from galr import paths
 from galr.config import RerankConfig
 from galr.errors import InputError
 from galr.retrieval.rerank import MIN_CANDIDATES, rerank_candidates
+from galr.runtime.index.searchers import Searcher
 
 
 class RerankUnavailableWarning(UserWarning):

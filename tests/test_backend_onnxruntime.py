@@ -13,6 +13,9 @@ import pytest
 
 ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install galr[cpu])")
 onnx = pytest.importorskip("onnx", reason="the tests build tiny ONNX graphs with the onnx package")
+from onnx import TensorProto, helper  # noqa: E402
+
+from galr.errors import InputError  # noqa: E402
 from galr.runtime.backends import (  # noqa: E402
     Environment,
     available_backends,
@@ -25,9 +28,6 @@ from galr.runtime.backends.onnxruntime import (  # noqa: E402
     OnnxRuntimeRunner,
     provider_list,
 )
-from onnx import TensorProto, helper  # noqa: E402
-
-from galr.errors import InputError  # noqa: E402
 
 
 def _model(nodes, inputs, outputs) -> bytes:

@@ -14,6 +14,8 @@ import types
 
 import numpy as np
 import pytest
+
+from galr.bundle import EngineMismatchError
 from galr.runtime.backends import device
 from galr.runtime.backends.base import BackendUnavailableError, RunnerError
 from galr.runtime.backends.device import (
@@ -23,8 +25,6 @@ from galr.runtime.backends.device import (
     probe_tensorrt,
 )
 from galr.runtime.backends.tensorrt import ProfileRange, TensorRTRunner
-
-from galr.bundle import EngineMismatchError
 from tests.fake_tensorrt import V10, V11, IOTensor, called, make_fake_tensorrt
 
 H200 = GpuInfo(name="NVIDIA H200", compute_capability="sm_90")

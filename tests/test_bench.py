@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from galr.bench import harness
 from galr.bench.cli import SECTIONS, BenchOptions, main, mr_mismatches
 from galr.bench.encoders import (
@@ -231,11 +232,11 @@ def test_compare_outputs_and_mismatch_listing():
                                            "vsa_channels": 2, "fusion_ff": 48}])
 def test_analytic_flops_equal_torch_flop_counter(overrides):
     import torch
-    from galr.bench.limits import encoder_costs
-    from galr.export.onnx_export import example_inputs
     from torch.utils.flop_counter import FlopCounterMode
 
+    from galr.bench.limits import encoder_costs
     from galr.config import GaLRConfig
+    from galr.export.onnx_export import example_inputs
     from galr.model import GaLR
 
     config = GaLRConfig.small(**overrides)
@@ -253,7 +254,6 @@ def test_analytic_flops_equal_torch_flop_counter(overrides):
 
 def test_the_end_to_end_limit_is_the_sum_of_its_stages():
     from galr.bench.limits import encoder_costs, fractions_of_limit, limit_seconds
-
     from galr.config import GaLRConfig
 
     costs = encoder_costs(GaLRConfig.small(), tokens=9, gallery=1000)
@@ -279,7 +279,6 @@ def test_the_end_to_end_limit_is_the_sum_of_its_stages():
 
 def test_weight_bytes_match_the_exported_parameters():
     from galr.bench.limits import encoder_costs
-
     from galr.config import GaLRConfig
     from galr.model import GaLR
 

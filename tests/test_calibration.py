@@ -11,6 +11,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import calibrate
+from PIL import Image
+
+from galr import graphs
 from galr.calibration.int8 import (
     CalibrationError,
     CalibrationSettings,
@@ -28,14 +33,9 @@ from galr.calibration.readers import (
     load_calibration_inputs,
     subset_inputs,
 )
-from galr.export.onnx_export import export_all
-from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import calibrate
-from PIL import Image
-
-from galr import graphs
 from galr.config import GaLRConfig
 from galr.data import RetrievalSplit, write_split
+from galr.export.onnx_export import export_all
 from galr.model import GaLR
 from galr.preprocess.spec import PreprocessSpec
 from galr.preprocess.text import Tokenizer, Vocabulary

@@ -16,8 +16,8 @@ from galr import paths
 from galr.cli import demo_main, demo_stamp_path, eval_main, synth_main, train_main
 from galr.config import GaLRConfig
 from galr.model import GaLR, save_checkpoint
-from galr.preprocess.spec import PreprocessSpec
 from galr.preprocess.local_file import LocalFeatureTable, save_local_file
+from galr.preprocess.spec import PreprocessSpec
 from galr.preprocess.text import Vocabulary
 from galr.synthetic.benchmark import BenchmarkConfig, BenchmarkInfo
 from galr.train import train_config_preset

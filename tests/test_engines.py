@@ -12,20 +12,20 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from galr.export import engines as engines_module
-from galr.export.cli import build_main
-from galr.export.cli import main as export_main
-from galr.export.pipeline import ExportSettings, export_bundle
-from galr.runtime.backends.device import GpuInfo, TensorRTInfo
-from galr.runtime.backends.registry import Environment
-from galr.runtime.backends.tensorrt import TensorRTOptions, TensorRTRunner
-from galr.runtime.encoders import load_engine
 
 from galr import graphs
 from galr.bundle import EngineMismatchError, read_bundle, select_engine_entry
 from galr.config import GaLRConfig
+from galr.export import engines as engines_module
+from galr.export.cli import build_main
+from galr.export.cli import main as export_main
+from galr.export.pipeline import ExportSettings, export_bundle
 from galr.model import GaLR, save_checkpoint
 from galr.preprocess.text import Vocabulary
+from galr.runtime.backends.device import GpuInfo, TensorRTInfo
+from galr.runtime.backends.registry import Environment
+from galr.runtime.backends.tensorrt import TensorRTOptions, TensorRTRunner
+from galr.runtime.encoders import load_engine
 from tests.fake_tensorrt import V10, V11, IOTensor, add_engine, make_fake_tensorrt
 from tests.test_backend_tensorrt import make_fake_cupy
 

@@ -6,17 +6,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from galr.export import pipeline
-from galr.export.onnx_export import export_all, export_graph
-from galr.runtime.encoders import load_engine
 from onnx import numpy_helper
 
 from galr import graphs
 from galr.bundle import read_bundle
 from galr.config import GaLRConfig
+from galr.export import pipeline
+from galr.export.onnx_export import export_all, export_graph
 from galr.model import GaLR, save_checkpoint
 from galr.preprocess.text import Vocabulary
 from galr.retrieval.parity import ParityError, compare
+from galr.runtime.encoders import load_engine
 
 torch.set_grad_enabled(False)
 

@@ -12,6 +12,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from galr.container import ContainerWriter
+from galr.errors import InputError, NotFoundError
+from galr.preprocess.image import load_image
+from galr.preprocess.spec import PreprocessSpec
+from galr.preprocess.text import TextLine, read_text_lines
 from galr.runtime.index import (
     SEARCHERS,
     GalleryIndex,
@@ -25,13 +32,6 @@ from galr.runtime.index import (
     load_index,
 )
 from galr.runtime.index.searchers import exact as exact_module
-from PIL import Image
-
-from galr.container import ContainerWriter
-from galr.errors import InputError, NotFoundError
-from galr.preprocess.image import load_image
-from galr.preprocess.spec import PreprocessSpec
-from galr.preprocess.text import TextLine, read_text_lines
 
 DIM = 8
 MODEL = "fake-model-0001"

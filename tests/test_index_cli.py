@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from galr.runtime.cli import index as index_cli
-from galr.runtime.index import load_index
 
 from galr.errors import NotFoundError
 from galr.preprocess.local_file import LocalFeatureTable, save_local_file
+from galr.runtime.cli import index as index_cli
+from galr.runtime.index import load_index
 from tests.test_index import FakeEngine, write_broken_images, write_image
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from galr.bench.mr_reference import i2t_rerank_optim, t2i_rerank_optim
 
+from galr.bench.mr_reference import i2t_rerank_optim, t2i_rerank_optim
 from galr.config import RerankConfig
 from galr.retrieval.metrics import (
     RetrievalMetrics,

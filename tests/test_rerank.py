@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from galr.bench.mr_reference import i2t_rerank_optim, t2i_rerank_optim
 
 import galr.retrieval._rerank_fast as fast_module
 import galr.retrieval._rerank_sort as sort_module
+from galr.bench.mr_reference import i2t_rerank_optim, t2i_rerank_optim
 from galr.config import RerankConfig
 from galr.retrieval.rerank import (
     candidate_count,

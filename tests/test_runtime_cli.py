@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
+
+from galr.config import GaLRConfig, RerankConfig
 from galr.export.pipeline import ExportSettings, export_bundle
+from galr.model import GaLR, save_checkpoint
+from galr.preprocess.text import Vocabulary
+from galr.retrieval.rerank import rerank_online
 from galr.runtime.cli.run import main as run_main
 from galr.runtime.cli.run import read_queries
 from galr.runtime.encoders import QueryError, UnknownWordsWarning, load_engine
 from galr.runtime.index import UnknownIdError, build_index, load_index
 from galr.runtime.index.searchers.exact import ExactSearcher
 from galr.runtime.retriever import RerankUnavailableWarning, Retriever
-from PIL import Image
-
-from galr.config import GaLRConfig, RerankConfig
-from galr.model import GaLR, save_checkpoint
-from galr.preprocess.text import Vocabulary
-from galr.retrieval.rerank import rerank_online
 
 WORDS = ["plane", "ship", "runway", "harbor", "green", "white", "two", "many", "water", "grass"]
 

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx", reason="the builder tests make tiny ONNX graphs with the onnx package")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from galr.config import GaLRConfig  # noqa: E402
 from galr.export.tensorrt import (  # noqa: E402
     DEFAULT_WORKSPACE_BYTES,
     TensorRTBuildConfig,
@@ -18,11 +21,8 @@ from galr.export.tensorrt import (  # noqa: E402
     onnx_precision,
     plan_typing,
 )
-from galr.runtime.backends.device import GpuInfo  # noqa: E402
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-
-from galr.config import GaLRConfig  # noqa: E402
 from galr.graphs import GRAPH_NAMES, graph_io  # noqa: E402
+from galr.runtime.backends.device import GpuInfo  # noqa: E402
 from tests.fake_tensorrt import V10, V11, called, make_fake_tensorrt  # noqa: E402
 
 H200 = GpuInfo(name="NVIDIA H200", compute_capability="sm_90")

@@ -11,6 +11,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
+
+from galr import graphs
 from galr.calibration.int8.ranges import (
     Ranges,
     cached_or_collected_ranges,
@@ -36,8 +38,6 @@ from galr.calibration.readers import (
     run_graph,
     select_calibration_inputs,
 )
-
-from galr import graphs
 from galr.preprocess.spec import PreprocessSpec
 from galr.preprocess.text import Vocabulary
 from galr.retrieval.evaluate import SplitInputs

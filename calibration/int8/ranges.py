@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
+
+from galr.atomic import write_bytes_atomically
 from galr.calibration.int8.settings import (
     METHODS,
     CalibrationError,
     CalibrationSettings,
 )
 from galr.calibration.readers import FeedReader
-
-from galr.atomic import write_bytes_atomically
 from galr.container import sha256_bytes
 from galr.errors import InputError
 

@@ -9,8 +9,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
-from galr.calibration.int8.settings import CalibrationError
 from onnx import TensorProto, numpy_helper
+
+from galr.calibration.int8.settings import CalibrationError
 
 # Ops an output L2-normalisation is built from (x / max(||x||, eps), or x / (||x|| + eps)).
 _NORMALISATION_OPS = frozenset({"Div", "Pow", "Mul", "ReduceSum", "ReduceSumSquare", "ReduceL2", "Sqrt", "Add",

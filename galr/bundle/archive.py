@@ -72,10 +72,6 @@ class Bundle:
         """Identity of the model (:func:`galr.bundle.format.model_hash`); indexes refuse other models by it."""
         return str(self.manifest["model_hash"])
 
-    @property
-    def member_names(self) -> list[str]:
-        return list(self.manifest["members"])
-
     def read_member(self, name: str) -> bytes:
         """Bytes of one member, checked against the manifest's size and SHA-256 (cached).
 

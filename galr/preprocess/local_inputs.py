@@ -43,8 +43,8 @@ def local_features_for(image_paths: Sequence[str | os.PathLike], image_sizes: Se
     Images without a detection file get the all-zero fallback (with a warning each).
     """
     if local_table is not None:
-        pairs = [local_table.lookup(Path(p).name) for p in image_paths]
-        return np.stack([r for r, _ in pairs]).astype(np.float32), np.stack([a for _, a in pairs]).astype(np.float32)
+        rep, adj = local_table.lookup_batch([Path(p).name for p in image_paths])
+        return rep.astype(np.float32, copy=False), adj.astype(np.float32, copy=False)
     sets = []
     for path in image_paths:
         found = find_detection_file(detections_dir, path) if detections_dir is not None else None

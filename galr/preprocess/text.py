@@ -40,7 +40,7 @@ DEFAULT_MAX_TEXT_LENGTH = 64
 
 @lru_cache(maxsize=1)
 def _nltk_tokenizers():
-    # Imported lazily: nltk's import costs ~0.3 s and most processes never tokenise.
+    # Imported lazily: importing nltk is slow and most processes never tokenise.
     from nltk.tokenize import NLTKWordTokenizer
     from nltk.tokenize.punkt import PunktSentenceTokenizer
 
@@ -170,7 +170,7 @@ class Tokenizer:
         self.max_length = max_length
 
     def warm_up(self) -> None:
-        """Load NLTK now (~0.3 s) rather than inside the first caption's encoding, e.g. when a server
+        """Load NLTK now rather than inside the first caption's encoding, e.g. when a server
         starts, so that the first query's latency is the steady one."""
         _nltk_tokenizers()
 

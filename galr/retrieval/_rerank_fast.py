@@ -180,11 +180,11 @@ class _SurvivorCollector:
 
 
 def _true_positions(mask: np.ndarray, *, sparse: bool) -> np.ndarray:
-    """``np.flatnonzero(mask)`` for a C-contiguous boolean array, faster at survivor densities.
+    """``np.flatnonzero(mask)`` for a C-contiguous boolean array, shaped for survivor densities.
 
-    numpy's nonzero loop branches on every element, which mispredicts most between ~1% and ~10%
-    True; for such ``sparse`` masks, finding the nonzero 8-byte words first and then the True bytes
-    inside them is about twice as fast. Dense masks take numpy's branch-free loop.
+    numpy's nonzero loop branches on every element, which mispredicts most when a few percent of the
+    mask is True; for such ``sparse`` masks, finding the nonzero 8-byte words first and then the True
+    bytes inside them avoids most branches. Dense masks take numpy's branch-free loop.
     """
     flat = mask.reshape(-1)
     whole = flat.size - flat.size % 8
@@ -305,7 +305,7 @@ def _grouped_order(groups: np.ndarray, keys: np.ndarray, n_groups: int) -> tuple
     ``group << 32 | key`` (equal neighbours: same group, equal keys).
 
     One ``np.sort`` of packed 64-bit words (group, key, entry index) where they fit (a SIMD sort,
-    several times faster than an argsort), else a lexsort.
+    cheaper per element than an argsort), else a lexsort.
     """
     n_entries = keys.shape[0]
     index_bits = max(1, (n_entries - 1).bit_length())

@@ -120,32 +120,6 @@ class DetectorNoise:
         if not 0.0 <= low <= high <= 1.0:
             raise InputError(f"DetectorNoise.false_alarm_score must be (low, high) in [0, 1], got {(low, high)}")
 
-    @classmethod
-    def none(cls) -> "DetectorNoise":
-        """A perfect detector: every object once, exact box, score 1."""
-        return cls(
-            miss_rate=0.0,
-            true_score=1.0,
-            score_jitter=0.0,
-            box_jitter=0.0,
-            duplicate_rate=0.0,
-            false_alarms=0.0,
-            confusion_rate=0.0,
-        )
-
-    @property
-    def enabled(self) -> bool:
-        """Whether the output can differ from the ground truth."""
-        rates = (
-            self.miss_rate,
-            self.score_jitter,
-            self.box_jitter,
-            self.duplicate_rate,
-            self.false_alarms,
-            self.confusion_rate,
-        )
-        return any(r > 0 for r in rates) or self.true_score < 1.0
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -18,7 +18,6 @@ same image.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -449,12 +448,6 @@ class SceneSpec:
             raise InputError(f"SceneSpec: malformed object group ({exc!r})") from None
         return cls(**values)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str) -> "SceneSpec":
-        return cls.from_dict(json.loads(text))
 
 
 @dataclass(frozen=True)

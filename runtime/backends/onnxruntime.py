@@ -19,6 +19,9 @@ from types import ModuleType
 from typing import Any, Mapping
 
 import numpy as np
+
+from galr import graphs
+from galr.errors import InputError
 from galr.runtime.backends.base import (
     BackendUnavailableError,
     Runner,
@@ -31,9 +34,6 @@ from galr.runtime.backends.registry import (
     Environment,
     RunnerRequest,
 )
-
-from galr import graphs
-from galr.errors import InputError
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -348,8 +348,7 @@ def _make_runners(request: RunnerRequest) -> dict[str, Runner]:
 BACKEND = Backend(
     name="onnxruntime", devices=("cuda", "cpu"), rank=20, probe=_probe, make_runners=_make_runners,
     fix="install ONNX Runtime: `pip install galr[cpu]` (CPU) or `pip install galr[gpu]` (onnxruntime-gpu, CUDA; "
-        "replaces plain onnxruntime) with CUDA and cuDNN versions matching it",
-    options_type=OnnxRuntimeOptions,
+        "replaces plain onnxruntime) with CUDA and cuDNN versions matching it"
 )
 
 

@@ -24,10 +24,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
 
+from galr.errors import InputError
 from galr.runtime.backends.base import BackendUnavailableError, Runner
 from galr.runtime.backends.device import (
     GpuInfo,
@@ -35,8 +36,6 @@ from galr.runtime.backends.device import (
     probe_gpu,
     probe_tensorrt,
 )
-
-from galr.errors import InputError
 
 if TYPE_CHECKING:
     from galr.bundle import Bundle
@@ -123,7 +122,6 @@ class Backend:
     probe: Callable[[str, Environment], str | None]
     make_runners: Callable[[RunnerRequest], dict[str, Runner]]
     fix: str
-    options_type: type[BackendOptions] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,14 @@ from types import ModuleType
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from galr import graphs
+from galr.bundle.engines import (
+    REBUILD_COMMAND,
+    EngineMismatchError,
+    select_engine_entry,
+)
+from galr.errors import InputError
 from galr.runtime.backends.base import (
     BackendUnavailableError,
     Runner,
@@ -33,14 +41,6 @@ from galr.runtime.backends.registry import (
     Environment,
     RunnerRequest,
 )
-
-from galr import graphs
-from galr.bundle.engines import (
-    REBUILD_COMMAND,
-    EngineMismatchError,
-    select_engine_entry,
-)
-from galr.errors import InputError
 
 DEFAULT_MAX_CACHED_SHAPES = 4
 
@@ -337,8 +337,7 @@ def _make_runners(request: RunnerRequest) -> dict[str, Runner]:
 BACKEND = Backend(
     name="tensorrt", devices=("cuda",), rank=10, probe=_probe, make_runners=_make_runners,
     fix="install TensorRT and CuPy with `pip install galr[tensorrt]` on a machine whose NVIDIA GPU shows in "
-        "nvidia-smi, build engines with `galr-build`, or choose backend 'onnxruntime'",
-    options_type=TensorRTOptions,
+        "nvidia-smi, build engines with `galr-build`, or choose backend 'onnxruntime'"
 )
 
 

@@ -11,6 +11,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import click
+
+from galr import paths
+from galr.console import GalrCommand, printable
+from galr.errors import InputError, NotFoundError, NothingDoneError
+from galr.preprocess.text import read_text_lines
 from galr.runtime.backends.registry import AUTO, REQUESTABLE_DEVICES, backend_names
 from galr.runtime.encoders import QueryError, load_engine
 from galr.runtime.index import (
@@ -22,11 +27,6 @@ from galr.runtime.index import (
     iter_image_files,
     load_index,
 )
-
-from galr import paths
-from galr.console import GalrCommand, printable
-from galr.errors import InputError, NotFoundError, NothingDoneError
-from galr.preprocess.text import read_text_lines
 
 _MAX_REASONS = 20  # skipped images listed one per line; the rest are counted
 

@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 
 import click
-from galr.runtime.backends.registry import AUTO, REQUESTABLE_DEVICES, backend_names
 
 from galr import paths
 from galr.atomic import write_text_atomically
@@ -16,6 +15,7 @@ from galr.config import RerankConfig
 from galr.console import GalrCommand, printable
 from galr.errors import NotFoundError
 from galr.preprocess.text import read_text_lines
+from galr.runtime.backends.registry import AUTO, REQUESTABLE_DEVICES, backend_names
 
 _EPILOG = """\b
 Examples:
@@ -59,10 +59,9 @@ def read_queries(path: Path) -> list[str]:
 def main(query_file, bundle, index_path, top_k, rerank, mode, detections, backend, device, precision, mr_k,
          wp1, wp2, json_path, html_path) -> None:
     """Search the gallery for every query in QUERY_FILE (one per line) and show the best images."""
+    from galr.retrieval.rerank import MIN_CANDIDATES
     from galr.runtime.report.table import format_results
     from galr.runtime.retriever import Retriever
-
-    from galr.retrieval.rerank import MIN_CANDIDATES
 
     queries = read_queries(query_file)
     if mode == "image2text":

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from galr.errors import InputError
+from galr.preprocess.local_inputs import check_local_source
 from galr.runtime.index.gallery import GalleryIndex
 from galr.runtime.index.records import ImageRecord
 from galr.runtime.index.vectors import (
@@ -21,9 +24,6 @@ from galr.runtime.index.vectors import (
     duplicates,
     preview,
 )
-
-from galr.errors import InputError
-from galr.preprocess.local_inputs import check_local_source
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 

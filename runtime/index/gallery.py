@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from galr import __version__ as GALR_VERSION
+from galr.errors import InputError, ModelMismatchError
 from galr.runtime.index.records import ImageRecord, RecordStore, UnknownIdError
 from galr.runtime.index.searchers import Searcher, create_searcher
 from galr.runtime.index.vectors import (
@@ -31,9 +34,6 @@ from galr.runtime.index.vectors import (
     duplicates,
     preview,
 )
-
-from galr import __version__ as GALR_VERSION
-from galr.errors import InputError, ModelMismatchError
 
 DEFAULT_SEARCHER = "exact"
 

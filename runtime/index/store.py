@@ -28,15 +28,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from galr import __version__ as GALR_VERSION
+from galr.container import ContainerReader, ContainerWriter, check_member_entry
+from galr.errors import InputError, NotFoundError
 from galr.runtime.index.gallery import GalleryIndex, IndexModelMismatchError
 from galr.runtime.index.records import ImageRecord, RecordStore
 from galr.runtime.index.searchers import Searcher, searcher_class
 from galr.runtime.index.searchers.exact import ExactSearcher
 from galr.runtime.index.vectors import STORAGE_DTYPES
-
-from galr import __version__ as GALR_VERSION
-from galr.container import ContainerReader, ContainerWriter, check_member_entry
-from galr.errors import InputError, NotFoundError
 
 FORMAT_NAME = "galr-index"
 FORMAT_VERSION = 2

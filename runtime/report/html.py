@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from galr.atomic import write_text_atomically
+from galr.runtime.report import timings_text
 
 THUMBNAIL_PX = 160
 
@@ -60,10 +61,7 @@ def render_contact_sheet(results: Sequence, title: str, subtitle: str, mode: str
     show_images = mode == "text2image"
     sections = []
     for number, result in enumerate(results, start=1):
-        t = result.timings_ms
-        timing = f"encode {t.get('encode', 0):.1f} ms · search {t.get('search', 0):.2f} ms"
-        if result.reranked:
-            timing += f" · rerank {t.get('rerank', 0):.2f} ms (MR on)"
+        timing = timings_text(result, " · ") + (" (MR on)" if result.reranked else "")
         query = html.escape(result.query)
         hits = "".join(_hit_html(hit, show_images) for hit in result.hits)
         body = f'<div class="row">{hits}</div>' if show_images else hits

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from galr.console import printable
+from galr.runtime.report import timings_text
 
 
 def format_results(results: Sequence, mode: str) -> str:
@@ -15,11 +16,7 @@ def format_results(results: Sequence, mode: str) -> str:
     """
     lines = []
     for number, result in enumerate(results, start=1):
-        t = result.timings_ms
-        timing = f"encode {t['encode']:.1f} ms, search {t['search']:.2f} ms"
-        if result.reranked:
-            timing += f", rerank {t['rerank']:.2f} ms"
-        lines.append(f"\n[{number}] {printable(result.query)}   ({timing})")
+        lines.append(f"\n[{number}] {printable(result.query)}   ({timings_text(result)})")
         lines.append(f"  {'rank':>4}  {'cosine':>7}  {'MR':>7}  {'image' if mode == 'text2image' else 'caption'}")
         for hit in result.hits:
             mr = f"{hit.rerank_score:7.3f}" if hit.rerank_score is not None else f"{'-':>7}"

@@ -13,11 +13,11 @@ from types import ModuleType
 from typing import Any, Iterator, Mapping
 
 import numpy as np
-from galr.runtime.backends.base import BackendUnavailableError
-from galr.runtime.index.vectors import checked_storage
 
 from galr.container import ContainerReader, ContainerWriter
 from galr.errors import InputError
+from galr.runtime.backends.base import BackendUnavailableError
+from galr.runtime.index.vectors import checked_storage
 
 SEARCH_DEVICES = ("auto", "cpu", "cuda")
 
