@@ -9,9 +9,12 @@ the rules both formats share:
   they are written, so a large array is streamed, not held twice.
 * **Reading** (:class:`ContainerReader`) trusts nothing in the file: a member must be stored, its
   size in the zip directory must equal the size the table declares (checked *before* anything is
-  inflated or read), and its bytes must hash to the declared SHA-256. The table itself is size-capped.
-  Every way ``zipfile`` fails on a damaged file (bad offsets, an unknown compression method, the
-  encrypted flag, a truncated stream) comes out as the caller's error class with the caller's fix.
+  inflated or read), and its bytes must hash to the declared SHA-256. The table itself is size-capped
+  and carries a hash of its own content (:func:`table_sha256`), so a damaged table is refused too,
+  not read as other values. ``.npy`` headers are checked against the expected dtype and shape before
+  an array is allocated. Every way ``zipfile`` fails on a damaged file (bad offsets, an unknown
+  compression method, the encrypted flag, a truncated stream) comes out as the caller's error class
+  with the caller's fix.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hashlib
 import json
 import re
 import struct
+import tokenize
 import zipfile
 import zlib
 from contextlib import contextmanager
@@ -45,6 +49,14 @@ _ENCRYPTED_FLAG = 0x1
 def sha256_bytes(data: bytes) -> str:
     """Hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
+
+
+def table_sha256(table: Mapping[str, Any], field: str) -> str:
+    """SHA-256 of a table of contents without its own ``field``, over canonical JSON (sorted keys,
+    no whitespace): what the table's self-check stores and compares."""
+    content = {key: value for key, value in table.items() if key != field}
+    return sha256_bytes(json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                   allow_nan=False).encode("utf-8"))
 
 
 def check_member_entry(name: str, entry: Any) -> str | None:
@@ -159,7 +171,8 @@ class ContainerReader:
         return info
 
     def read_table(self, name: str, max_bytes: int) -> Any:
-        """Parse the JSON table of contents (at most ``max_bytes``); its shape is the caller's to check."""
+        """Parse the JSON table of contents (at most ``max_bytes``); the caller checks its format and
+        version, then its self-hash (:meth:`check_table_hash`), then its shape."""
         info = self._checked_info(name, None)
         if info.file_size > max_bytes:
             raise self.damaged(f"{name} is implausibly large ({info.file_size} bytes, at most {max_bytes})")
@@ -174,6 +187,21 @@ class ContainerReader:
             return json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise self.damaged(f"{name} is not valid JSON ({_describe(exc)})") from None
+
+    def check_table_hash(self, name: str, table: Mapping[str, Any], hash_field: str, *, required: bool) -> None:
+        """Refuse a table whose ``hash_field`` is not :func:`table_sha256` of the rest of it.
+
+        ``required=False`` accepts a table without the field (files of an older format version).
+        """
+        if hash_field not in table and not required:
+            return
+        stored = table.get(hash_field)
+        try:
+            intact = isinstance(stored, str) and stored == table_sha256(table, hash_field)
+        except (TypeError, ValueError):  # e.g. a NaN the canonical form refuses
+            intact = False
+        if not intact:
+            raise self.damaged(f"{name} fails its own SHA-256 check ({hash_field})")
 
     @contextmanager
     def open_member(self, name: str, entry: Mapping[str, Any]) -> Iterator[BinaryIO]:
@@ -215,7 +243,7 @@ class ContainerReader:
                 version = npy_format.read_magic(stream)
                 header = (npy_format.read_array_header_1_0 if version == (1, 0) else
                           npy_format.read_array_header_2_0)(stream)
-            except (ValueError, SyntaxError, TypeError, RecursionError) as exc:
+            except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError, tokenize.TokenError) as exc:
                 raise self.damaged(f"member {name!r} has no valid .npy header ({_describe(exc)})") from None
             found_shape, fortran, found_dtype = header
             if found_dtype != expected or tuple(found_shape) != tuple(shape) or fortran:
@@ -283,17 +311,20 @@ class ContainerWriter:
             npy_format.write_array(stream, np.ascontiguousarray(array), allow_pickle=False)
         return self.entries[name]
 
-    def write_json(self, name: str, payload: Any, *, indent: int | None = None, record: bool = True) -> None:
-        """Store ``payload`` as UTF-8 JSON (compact unless ``indent``: json's C encoder only runs then).
+    def write_json(self, name: str, payload: Any) -> dict[str, Any]:
+        """Store ``payload`` as a member of compact UTF-8 JSON (only then does json run its C encoder)."""
+        return self.write_bytes(name, _json_bytes(payload, indent=None))
 
-        ``record=False`` for the table of contents itself, which lists the others.
-        """
-        data = json.dumps(payload, indent=indent, separators=None if indent else (",", ":"), ensure_ascii=False,
-                          allow_nan=False, sort_keys=bool(indent)).encode("utf-8")
-        if record:
-            self.write_bytes(name, data)
-        else:
-            self._zip.writestr(name, data)
+    def write_table(self, name: str, table: Mapping[str, Any], hash_field: str) -> None:
+        """Store the table of contents (readable JSON, not listed in itself) with its self-hash in
+        ``hash_field``; call it last, once :attr:`entries` lists every other member."""
+        full = {**table, hash_field: table_sha256(table, hash_field)}
+        self._zip.writestr(name, _json_bytes(full, indent=1))
+
+
+def _json_bytes(payload: Any, indent: int | None) -> bytes:
+    return json.dumps(payload, indent=indent, separators=None if indent else (",", ":"), ensure_ascii=False,
+                      allow_nan=False, sort_keys=bool(indent)).encode("utf-8")
 
 
 def _describe(exc: BaseException) -> str:
@@ -306,4 +337,5 @@ __all__ = [
     "ContainerWriter",
     "check_member_entry",
     "sha256_bytes",
+    "table_sha256",
 ]

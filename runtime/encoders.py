@@ -211,11 +211,13 @@ def load_engine(bundle: str | os.PathLike | Bundle = "galr.plan", backend: str =
         The running :class:`Encoders`; close them (or use ``with``) to free the runners.
 
     Raises:
-        BundleError: the bundle is missing/corrupt or lacks the precision.
+        BundleError: the bundle is missing/corrupt, its graphs are not the model its manifest names,
+            or it lacks the precision.
         BackendUnavailableError: a requested backend/device cannot run here.
         EngineMismatchError: TensorRT was chosen but no engine in the bundle fits this machine.
     """
     bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+    bundle.verify_model_hash()  # a graph swapped under the manifest would be served with foreign indexes
     environment = environment or Environment()
     choice = resolve_backend(backend, device, bundle=str(bundle.path), environment=environment)
     choice = BackendChoice(choice.backend, choice.device, _resolve_precision(precision, choice.device, bundle),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from galr.container import ContainerWriter
+from galr.container import ContainerWriter, table_sha256
 from galr.errors import InputError, NotFoundError
 from galr.preprocess.image import load_image
 from galr.preprocess.spec import PreprocessSpec
@@ -435,12 +435,16 @@ def test_failed_save_keeps_the_previous_index(tmp_path, monkeypatch, failure):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gallery.gidx"]
 
 
-def _rewrite(path: Path, replace: dict[str, bytes | None], header_changes: dict[str, Any] | None = None) -> None:
-    """Copy the index with members replaced (None drops one) and header fields changed."""
+def _rewrite(path: Path, replace: dict[str, bytes | None], header_changes: dict[str, Any] | None = None,
+             rehash: bool = True) -> None:
+    """Copy the index with members replaced (None drops one) and header fields changed; ``rehash``
+    updates the header's own hash, as a writer that made a wrong header on purpose would."""
     with zipfile.ZipFile(path) as archive:
         members = {name: archive.read(name) for name in archive.namelist()}
     header = json.loads(members["header.json"])
     header.update(header_changes or {})
+    if rehash:
+        header["header_sha256"] = table_sha256(header, "header_sha256")
     members["header.json"] = json.dumps(header).encode()
     members.update(replace)
     with zipfile.ZipFile(path, "w") as archive:
@@ -464,6 +468,7 @@ def _object_npy() -> bytes:
         (lambda p: _rewrite(p, {}, {"format": "something-else"}), "not a galr index"),
         (lambda p: _rewrite(p, {"header.json": None}), "no header.json"),
         (lambda p: _rewrite(p, {}, {"count": "many"}), "count must be a non-negative integer"),
+        (lambda p: _rewrite(p, {}, {"count": 14}, rehash=False), "header.json fails its own SHA-256 check"),
         (lambda p: _rewrite(p, {}, {"count": 3}), "no valid 'images' searcher entry"),
         (lambda p: _rewrite(p, {"text_bank.json": None}), r"member 'text_bank.json' is missing"),
         (lambda p: _rewrite(p, {"records.json": b"[]"}), r"member 'records.json' is 2 bytes, the table says"),

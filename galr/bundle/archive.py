@@ -20,14 +20,17 @@ from galr.bundle.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
+    MANIFEST_HASH_FIELD,
     MAX_MANIFEST_BYTES,
     PRECISIONS,
     REEXPORT_HINT,
     BundleError,
+    model_hash,
     validate_manifest,
 )
 from galr.config import GaLRConfig
-from galr.container import ContainerReader, ContainerWriter, sha256_bytes
+from galr.container import ContainerReader, ContainerWriter, sha256_bytes, table_sha256
+from galr.graphs import GRAPH_NAMES
 from galr.errors import InputError, NotFoundError
 from galr.preprocess.spec import PreprocessSpec
 from galr.preprocess.text import Vocabulary, VocabularyError
@@ -50,7 +53,6 @@ class Bundle:
         self.path = Path(path)
         self.manifest = validate_manifest(dict(manifest), str(self.path))
         self._in_memory = dict(members) if members is not None else None
-        self._cache: dict[str, bytes] = {}
         try:
             self.config = GaLRConfig.from_dict(self.manifest["model"])
             self.vocab = Vocabulary.from_json_dict(self.manifest["vocab"], source=f"{self.path}:manifest.json")
@@ -73,23 +75,33 @@ class Bundle:
         return str(self.manifest["model_hash"])
 
     def read_member(self, name: str) -> bytes:
-        """Bytes of one member, checked against the manifest's size and SHA-256 (cached).
+        """Bytes of one member, checked against the manifest's size and SHA-256 (read anew each time,
+        so graphs handed to a runner are not also kept here).
 
         Raises:
             BundleError: the member is not listed, missing, damaged or fails its checks.
         """
-        if name in self._cache:
-            return self._cache[name]
         entry = self.manifest["members"].get(name)
         if entry is None:
             raise BundleError(f"{self.path}: no member '{name}' in the manifest")
         if self._in_memory is not None:
-            data = self._in_memory[name]
-        else:
-            with ContainerReader(self.path, error=BundleError, fix=REEXPORT_HINT) as reader:
-                data = reader.read_member(name, entry)
-        self._cache[name] = data
-        return data
+            return self._in_memory[name]
+        with ContainerReader(self.path, error=BundleError, fix=REEXPORT_HINT) as reader:
+            return reader.read_member(name, entry)
+
+    def verify_model_hash(self) -> None:
+        """Recompute the model hash from the FP32 graphs and refuse a bundle whose manifest disagrees.
+
+        Each member hash only proves a member is what the manifest lists; this proves the listed graphs
+        are the model the manifest (and every index built with it) names.
+
+        Raises:
+            BundleError: the graphs are another model than ``model_hash`` says.
+        """
+        graphs = {name: self.onnx_bytes(name, "fp32") for name in GRAPH_NAMES}
+        if model_hash(graphs) != self.model_hash:
+            raise BundleError(f"{self.path}: its FP32 graphs are not the model its manifest names "
+                              f"(model hash {self.model_hash[:16]}); the bundle was altered. {REEXPORT_HINT}")
 
     def onnx_bytes(self, graph: str, precision: str = "fp32") -> bytes:
         """The ONNX graph ``graph`` at ``precision``.
@@ -124,12 +136,14 @@ class Bundle:
 
 
 def _full_manifest(manifest: Mapping[str, Any], members: Mapping[str, bytes]) -> dict[str, Any]:
-    """The manifest as it will be read back: format fields and member table filled in, and passed
-    through JSON, so an in-memory bundle sees exactly what the file will hold (lists, not tuples)."""
-    full = {key: value for key, value in manifest.items() if key != "members"}
+    """The manifest as it will be read back: format fields, member table and self-hash filled in, and
+    passed through JSON, so an in-memory bundle sees exactly what the file will hold (lists, not tuples)."""
+    full = {key: value for key, value in manifest.items() if key not in ("members", MANIFEST_HASH_FIELD)}
     full["format"], full["format_version"] = FORMAT_NAME, FORMAT_VERSION
     full["members"] = {name: {"sha256": sha256_bytes(data), "size": len(data)} for name, data in sorted(members.items())}
-    return json.loads(json.dumps(full, allow_nan=False))
+    full = json.loads(json.dumps(full, allow_nan=False))
+    full[MANIFEST_HASH_FIELD] = table_sha256(full, MANIFEST_HASH_FIELD)
+    return full
 
 
 def build_bundle(path: str | os.PathLike, manifest: Mapping[str, Any], members: Mapping[str, bytes]) -> Bundle:
@@ -157,6 +171,7 @@ def read_bundle(path: str | os.PathLike, verify: bool = False) -> Bundle:
             raise BundleError(f"{path}: no {MANIFEST}; this is not a galr bundle")
         manifest = reader.read_table(MANIFEST, MAX_MANIFEST_BYTES)
         validate_manifest(manifest, str(path))
+        reader.check_table_hash(MANIFEST, manifest, MANIFEST_HASH_FIELD, required=False)
         missing = sorted(set(manifest["members"]) - reader.names())
     if missing:
         raise BundleError(f"{path}: members missing from the file: {missing[:5]}. {REEXPORT_HINT}")
@@ -180,7 +195,7 @@ def write_bundle(path: str | os.PathLike, manifest: Mapping[str, Any], members: 
     with ContainerWriter(path) as writer:
         for name, data in sorted(members.items()):
             writer.write_bytes(name, data)
-        writer.write_json(MANIFEST, full, indent=2, record=False)
+        writer.write_table(MANIFEST, full, MANIFEST_HASH_FIELD)
     return path
 
 

@@ -24,6 +24,9 @@ from galr.graphs import GRAPH_NAMES
 FORMAT_NAME = "galr-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: The manifest's hash of its own content (:func:`galr.container.table_sha256`); bundles written
+#: before it existed are read without it.
+MANIFEST_HASH_FIELD = "manifest_sha256"
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 #: A manifest is metadata: vocabulary, configs, reports. Anything larger is not one of ours.
 MAX_MANIFEST_BYTES = 16 << 20
@@ -36,7 +39,7 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
 }
 _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "created": str, "embedding": dict, "graphs": dict, "onnx_sha256": dict, "opset": int, "engines": list,
-    "toolchain": dict, "provenance": dict, "reports": dict,
+    "toolchain": dict, "provenance": dict, "reports": dict, MANIFEST_HASH_FIELD: str,
 }
 
 
@@ -139,6 +142,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST",
+    "MANIFEST_HASH_FIELD",
     "MAX_MANIFEST_BYTES",
     "PRECISIONS",
     "BundleError",

@@ -4,7 +4,7 @@ Version 2 layout::
 
     header.json        format + version, model_hash, embed_dim, counts, next_key, timestamps, galr
                        version, the bundle that built it, each searcher's kind, storage and
-                       parameters, and the SHA-256 and size of every other member
+                       parameters, the SHA-256 and size of every other member, and its own hash
     records.json       [{"id", "path", "width", "height", "lat", "lon", "footprint", "extra"}, ...]
                        in gallery order (the order of images/keys.npy)
     text_bank.json     ["caption", ...] in the text bank's key order
@@ -42,6 +42,7 @@ FORMAT_NAME = "galr-index"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 HEADER = "header.json"
+HEADER_HASH_FIELD = "header_sha256"
 RECORDS = "records.json"
 TEXT_BANK_TEXTS = "text_bank.json"
 IMAGES_PREFIX, TEXT_BANK_PREFIX = "images/", "text_bank/"
@@ -81,7 +82,7 @@ def save_index(index: GalleryIndex, path: Path) -> Path:
             "created": index.created, "updated": index.updated, "searchers": {"images": images, "text_bank": text_bank},
             "members": writer.entries,
         }
-        writer.write_json(HEADER, header, indent=1, record=False)  # the one member people read
+        writer.write_table(HEADER, header, HEADER_HASH_FIELD)  # the one member people read
     return path
 
 
@@ -107,6 +108,7 @@ def _checked_header(reader: ContainerReader, path: Path) -> dict[str, Any]:
             f"{path}: index format version {version!r} is not supported by this galr {GALR_VERSION} "
             f"(it reads versions {list(READABLE_VERSIONS)}); upgrade galr, or rebuild the index with this one: "
             f"`{REBUILD_HINT.format(path=path)}`")
+    reader.check_table_hash(HEADER, header, HEADER_HASH_FIELD, required=version >= 2)
     problems = []
     if not isinstance(header.get("model_hash"), str) or not header["model_hash"]:
         problems.append("model_hash must be a non-empty string")
