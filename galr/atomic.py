@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
+
+from galr.errors import BusyError, InputError, NotFoundError
 
 
 def _fsync_directory(folder: Path) -> None:
@@ -80,3 +83,71 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> None:
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` with ``text`` (UTF-8) atomically."""
     write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Refuse, before any work, an output ``path`` that cannot be written atomically.
+
+    Its folder must exist and be writable (the atomic writer puts its temporary file there), and
+    ``path`` must not be a folder.
+
+    Raises:
+        NotFoundError: the folder does not exist.
+        InputError: ``path`` is a folder, or the folder is not writable (permissions, read-only file system).
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a file name to write")
+    if not folder.is_dir():
+        raise NotFoundError(f"cannot write {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {path}: the folder {folder} is not writable (permissions or a read-only "
+                         "file system)")
+    return path
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike, *, timeout: float,
+                   on_wait: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """Hold an exclusive OS lock for writing ``path`` (on ``<path>.lock``) for the whole block.
+
+    Writers of the same file exclude each other from the moment they read it to the moment they
+    replace it, so no update is lost. Readers need no lock: every write is an atomic replace. The lock
+    is the kernel's (``flock``), so it is released whenever the holder exits, even by ``kill -9``; the
+    ``.lock`` file (holding the last holder's process id) stays and is harmless.
+
+    Args:
+        path: the file about to be written.
+        timeout: seconds to wait for another holder before giving up.
+        on_wait: told once, with a message, when the lock is held by another process.
+
+    Raises:
+        BusyError: still held by another process after ``timeout`` seconds.
+    """
+    import fcntl  # POSIX; galr's targets are Linux machines
+
+    path = Path(path)
+    lock_path = path.with_name(path.name + ".lock")
+    handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        deadline = time.monotonic() + timeout
+        announced = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(handle, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                if time.monotonic() >= deadline:
+                    raise BusyError(f"{path} is being written by another process (pid {holder}); nothing was "
+                                    f"changed. Try again when it is done (waited {timeout:g} s)") from None
+                if not announced and on_wait is not None:
+                    on_wait(f"{path} is being written by process {holder}; waiting up to {timeout:g} s for it")
+                    announced = True
+                time.sleep(0.05)
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield lock_path
+    finally:
+        os.close(handle)  # releases the lock

@@ -21,6 +21,7 @@ import numpy as np
 
 from galr import graphs
 from galr.bundle import Bundle, BundleError, read_bundle
+from galr.console import printable
 from galr.errors import InputError
 from galr.runtime.backends.base import Runner
 from galr.runtime.backends.registry import (
@@ -40,8 +41,20 @@ class QueryError(InputError):
     """A query cannot be encoded (empty, whitespace-only, or no words after removing punctuation)."""
 
 
-class UnknownWordsWarning(UserWarning):
+class QueryWarning(UserWarning):
+    """Something about one query; ``label`` names it as the caller did (e.g. ``"line 3"``)."""
+
+    def __init__(self, message: str, label: str | None = None) -> None:
+        super().__init__(message)
+        self.label = label
+
+
+class UnknownWordsWarning(QueryWarning):
     """A query has no word in the model's vocabulary, so its embedding carries no meaning."""
+
+
+class ShortenedQueryWarning(QueryWarning):
+    """A query was longer than the tokenizer keeps (characters or tokens); its beginning was used."""
 
 
 def _renormalise(x: np.ndarray) -> np.ndarray:
@@ -119,29 +132,45 @@ class Encoders:
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
         return _renormalise(self._run(graphs.TEXT, {graphs.TOKENS: tokens}, DEFAULT_TEXT_BATCH))
 
-    def encode_text(self, captions: Sequence[str]) -> np.ndarray:
+    def query_problem(self, query: object) -> str | None:
+        """Why ``query`` cannot be encoded (empty, or no words once punctuation is removed), or ``None``."""
+        if not isinstance(query, str) or not query.strip():
+            return "is empty or whitespace only; give at least one word"
+        if not self.tokenizer.encode(query):
+            return "has no words after removing punctuation"
+        return None
+
+    def encode_text(self, captions: str | Sequence[str], labels: Sequence[str] | None = None) -> np.ndarray:
         """Embeddings of captions/queries, tokenised exactly as the original.
 
+        Args:
+            captions: one query string, or a sequence of them.
+            labels: how messages name each query (e.g. ``"line 3"``); ``"query #i"`` by default.
+
         Raises:
-            QueryError: for an empty or whitespace-only query (it would select padding state).
+            QueryError: for a query that cannot be encoded (:meth:`query_problem`).
         Warns:
-            UnknownWordsWarning: when a query has no in-vocabulary word.
+            UnknownWordsWarning: a query has no in-vocabulary word.
+            ShortenedQueryWarning: a query was longer than the tokenizer keeps.
         """
-        if isinstance(captions, str):
-            captions = [captions]
-        for index, caption in enumerate(captions):
-            if not isinstance(caption, str) or not caption.strip():
-                raise QueryError(f"query #{index} is empty or whitespace only; give at least one word")
-        batch = self.tokenizer.encode_batch(list(captions))
-        unk = self.vocab.unk_id
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        labels = list(labels) if labels is not None else [f"query #{i}" for i in range(len(captions))]
+        for label, caption in zip(labels, captions):
+            problem = self.query_problem(caption)
+            if problem is not None:
+                raise QueryError(f"{label} {problem}")
+        batch = self.tokenizer.encode_batch(captions, warn=False)
+        unk, tokenizer = self.vocab.unk_id, self.tokenizer
         for index, row in enumerate(batch.tokens):
-            words = row[: batch.lengths[index]]
-            if len(words) == 0:
-                raise QueryError(f"query #{index} ({captions[index]!r}) has no words after removing punctuation")
-            if np.all(words == unk):
-                warnings.warn(f"query #{index} ({captions[index][:60]!r}) has no word in the model's "
-                              f"vocabulary of {len(self.vocab)}; its results are arbitrary", UnknownWordsWarning,
-                              stacklevel=2)
+            label, shown = labels[index], printable(captions[index][:60])
+            if index in batch.cut or index in batch.truncated:
+                warnings.warn(ShortenedQueryWarning(
+                    f"{label} ({shown!r}...) is longer than {tokenizer.max_chars} characters or "
+                    f"{tokenizer.max_length} tokens; its beginning is used", label), stacklevel=2)
+            if np.all(row[: batch.lengths[index]] == unk):
+                warnings.warn(UnknownWordsWarning(
+                    f"{label} ({shown!r}) has no word in the model's vocabulary of {len(self.vocab)}; "
+                    "its results are arbitrary", label), stacklevel=2)
         return self.encode_tokens(batch.tokens)
 
     def encode_image_arrays(self, images: np.ndarray, local_rep: np.ndarray, local_adj: np.ndarray) -> np.ndarray:
@@ -173,11 +202,17 @@ class Encoders:
         if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1] == 3:
             pixels, sizes, names = images.astype(np.float32, copy=False), [(size, size)] * len(images), None
         else:
-            loaded = [load_image(item, self.spec.image) for item in images]
-            sizes = [picture.size for picture in loaded]
+            images = list(images)
             names = [Path(item) if isinstance(item, (str, os.PathLike)) else None for item in images]
-            pixels = np.stack([preprocess_image(picture, self.spec.image) for picture in loaded]) if loaded else \
-                np.zeros((0, 3, size, size), np.float32)
+            # One image decoded at a time, resized at once: peak memory is one full-resolution image
+            # plus the batch at the model's size, however large the files are.
+            pixels = np.zeros((len(images), 3, size, size), np.float32)
+            sizes = []
+            for row, item in enumerate(images):
+                picture = load_image(item, self.spec.image)
+                sizes.append(picture.size)
+                pixels[row] = preprocess_image(picture, self.spec.image)
+                del picture
         rep, adj = local_inputs(local, len(pixels), names, sizes, self.spec.drea)
         return self.encode_image_arrays(pixels, rep, adj)
 
@@ -233,5 +268,5 @@ def load_engine(bundle: str | os.PathLike | Bundle = "galr.plan", backend: str =
     return encoders
 
 
-__all__ = ["DEFAULT_IMAGE_BATCH", "DEFAULT_TEXT_BATCH", "Encoders", "QueryError", "UnknownWordsWarning",
-           "load_engine"]
+__all__ = ["DEFAULT_IMAGE_BATCH", "DEFAULT_TEXT_BATCH", "Encoders", "QueryError", "QueryWarning",
+           "ShortenedQueryWarning", "UnknownWordsWarning", "load_engine"]

@@ -10,6 +10,10 @@ searcher finds the candidates (the top ``K`` MR needs, or the top ``k`` without 
 them with the reverse search over a bank (:func:`~galr.retrieval.rerank.rerank_candidates`), whose
 scores come from the bank's searcher. The retriever never touches stored vectors itself.
 
+Memory: queries are answered in blocks whose working arrays (above all MR's bank scores, ``bank
+rows x queries x K``) stay under :data:`BLOCK_ELEMENTS`, so a call's peak memory does not grow with
+the number of queries beyond the results themselves.
+
 Concurrency: ``search_text`` and ``search_images`` keep no state between calls, so one retriever
 can serve several analyst threads at once (the encoders serialise what must be serialised). Do not
 modify the index while it is being searched: build or update it, then open a new retriever.
@@ -29,6 +33,11 @@ from galr.config import RerankConfig
 from galr.errors import InputError
 from galr.retrieval.rerank import MIN_CANDIDATES, rerank_candidates
 from galr.runtime.index.searchers import Searcher
+
+#: Elements (float32) of one block's largest working array; 64 MiB.
+BLOCK_ELEMENTS = 1 << 24
+#: Queries encoded and searched together at most (the encoders batch within a block themselves).
+MAX_BLOCK_QUERIES = 256
 
 
 class RerankUnavailableWarning(UserWarning):
@@ -141,41 +150,83 @@ class Retriever:
             return False
         return rerank
 
-    def search_text(self, queries: Sequence[str], top_k: int = 10, rerank: bool = True) -> list[QueryResult]:
-        """Images of the gallery for each text query, best first."""
-        start = time.perf_counter()
-        query_embeddings = self.encoders.encode_text(list(queries))
-        encode_ms = (time.perf_counter() - start) * 1e3
+    def search_text(self, queries: str | Sequence[str], top_k: int = 10, rerank: bool = True,
+                    labels: Sequence[str] | None = None) -> list[QueryResult]:
+        """Images of the gallery for each text query, best first.
+
+        Args:
+            queries: one query string, or a sequence of them.
+            top_k: results per query.
+            rerank: apply MR (needs the index's text bank).
+            labels: how messages name each query (e.g. ``"line 3"``); ``"query #i"`` by default.
+        """
+        queries = [queries] if isinstance(queries, str) else list(queries)
+        labels = list(labels) if labels is not None else [f"query #{i}" for i in range(len(queries))]
         index = self.index
         images = _Side(index.images, index.text_bank, lambda key: index.record(key).id,
                        lambda key: index.record(key).to_dict())
-        return self._search(list(queries), query_embeddings, encode_ms, images, top_k, rerank)
+        return self._search(queries, queries, labels, lambda block, names: self.encoders.encode_text(block, names),
+                            images, top_k, rerank)
 
     def search_images(self, images: Any, local: Any = None, top_k: int = 10, rerank: bool = True) -> list[QueryResult]:
         """Captions of the index's text bank for each query image, best first (image->text mode).
 
         The reverse search of MR uses the gallery images as the bank of image queries.
 
+        Args:
+            images: one image path, or what :meth:`Encoders.encode_images` takes.
+            local: the DREA input for the query images (see :meth:`Encoders.encode_images`).
+            top_k: results per query.
+            rerank: apply MR.
+
         Raises:
             InputError: the index has no text bank.
         """
         if not self.has_text_bank:
             raise InputError("image->text search needs captions: build the index with `galr-index --text-bank FILE`")
-        start = time.perf_counter()
-        query_embeddings = self.encoders.encode_images(images, local=local)
-        encode_ms = (time.perf_counter() - start) * 1e3
-        labels = [str(item) for item in images] if not isinstance(images, np.ndarray) else \
-            [f"image #{i}" for i in range(len(images))]
+        if isinstance(images, (str, bytes)) or hasattr(images, "__fspath__"):
+            images = [images]
+        if isinstance(images, np.ndarray):
+            labels = [f"image #{i}" for i in range(len(images))]
+        else:
+            images = list(images)
+            labels = [str(item) for item in images]
+        if not isinstance(local, (type(None), str)) and not hasattr(local, "__fspath__") and \
+                not hasattr(local, "lookup"):
+            # Per-image DREA inputs must stay with their images: one block.
+            block = len(labels) or 1
+        else:
+            block = None
         index = self.index
         captions = _Side(index.text_bank, index.images, index.bank_text, lambda key: {"text": index.bank_text(key)})
-        return self._search(labels, query_embeddings, encode_ms, captions, top_k, rerank)
+        return self._search(images, labels, labels, lambda part, _: self.encoders.encode_images(part, local=local),
+                            captions, top_k, rerank, block=block)
 
-    def _search(self, labels: list[str], query_embeddings: np.ndarray, encode_ms: float, side: _Side, top_k: int,
-                rerank: bool) -> list[QueryResult]:
+    def _block_size(self, bank_rows: int, depth: int) -> int:
+        return max(1, min(MAX_BLOCK_QUERIES, BLOCK_ELEMENTS // max(1, bank_rows * depth)))
+
+    def _search(self, queries: Any, shown: list[str], labels: list[str], encode: Callable[[Any, list[str]], np.ndarray],
+                side: _Side, top_k: int, rerank: bool, block: int | None = None) -> list[QueryResult]:
+        """Encode, search and rerank ``queries`` in blocks (see the module docstring on memory).
+
+        ``shown`` is what each result says it answered; ``labels`` how messages name each query.
+        """
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise InputError(f"top_k must be a positive integer, got {top_k!r}")
         rerank = self._rerank_possible(rerank, len(side.bank))
         depth = min(len(side.searcher), max(top_k, MIN_CANDIDATES, self.rerank_config.k) if rerank else top_k)
+        step = block or self._block_size(len(side.bank) if rerank else 0, depth)
+        results: list[QueryResult] = []
+        for start in range(0, len(labels), step):
+            began = time.perf_counter()
+            embeddings = encode(queries[start:start + step], labels[start:start + step])
+            encode_ms = (time.perf_counter() - began) * 1e3
+            results.extend(self._search_block(shown[start:start + step], embeddings, encode_ms, side, top_k, rerank,
+                                              depth))
+        return results
+
+    def _search_block(self, shown: list[str], query_embeddings: np.ndarray, encode_ms: float, side: _Side,
+                      top_k: int, rerank: bool, depth: int) -> list[QueryResult]:
         start = time.perf_counter()
         values, keys = side.searcher.search(query_embeddings, depth, device=self.device)
         search_ms = (time.perf_counter() - start) * 1e3
@@ -189,9 +240,9 @@ class Retriever:
         else:
             keys, values = keys[:, :top_k], values[:, :top_k]
         rerank_ms = (time.perf_counter() - start) * 1e3
-        per_query = len(labels) or 1
+        per_query = len(shown) or 1
         results = []
-        for row, label in enumerate(labels):
+        for row, label in enumerate(shown):
             hits = [Hit(rank + 1, side.id_of(key), float(values[row, rank]),
                         None if mr_scores is None else float(mr_scores[row, rank]), side.record_of(key))
                     for rank, key in enumerate(keys[row].tolist())]

@@ -14,10 +14,9 @@ from PIL import Image
 from galr.config import GaLRConfig, RerankConfig
 from galr.export.pipeline import ExportSettings, export_bundle
 from galr.model import GaLR, save_checkpoint
-from galr.preprocess.text import Vocabulary
+from galr.preprocess.text import Vocabulary, read_text_lines
 from galr.retrieval.rerank import rerank_online
 from galr.runtime.cli.run import main as run_main
-from galr.runtime.cli.run import read_queries
 from galr.runtime.encoders import QueryError, UnknownWordsWarning, load_engine
 from galr.runtime.index import UnknownIdError, build_index, load_index
 from galr.runtime.index.searchers.exact import ExactSearcher
@@ -216,7 +215,7 @@ def test_missing_files_and_foreign_index_exit_2(deployment, tmp_path):
 def test_read_queries_skips_comments_and_blank_lines(tmp_path):
     path = tmp_path / "q.txt"
     path.write_text("\ufeff# header\n  first query  \n\n#second\nthird\n", encoding="utf-8")
-    assert read_queries(path) == ["first query", "third"]
+    assert [line.text for line in read_text_lines(path, "queries")] == ["first query", "third"]
 
 
 def test_contact_sheet_renders_in_a_headless_browser(deployment, tmp_path):

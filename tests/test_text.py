@@ -44,10 +44,23 @@ def test_clitics_hyphens_digits_and_punctuation():
 def test_padding_truncation_and_warning():
     vocab = Vocabulary.from_words(["a", "b", "c"])
     tok = Tokenizer(vocab, max_length=2)
-    with pytest.warns(UserWarning, match="truncated"):
+    with pytest.warns(UserWarning, match="1 longer than 2 tokens kept their beginning"):
         batch = tok.encode_batch(["a b c", "b", "zzz"])
-    assert batch.tokens.tolist() == [[1, 2], [2, 0], [4, 0]] and batch.truncated == (0,)
+    assert batch.tokens.tolist() == [[1, 2], [2, 0], [4, 0]] and batch.truncated == (0,) and batch.cut == ()
     assert batch.lengths.tolist() == [2, 1, 1]
+
+
+def test_characters_beyond_the_cap_never_reach_nltk(monkeypatch):
+    """A megabyte line of "a. a. a." made NLTK's sentence regex run for seconds and give up."""
+    from galr.preprocess import text
+
+    seen = []
+    real = text.tokenize
+    monkeypatch.setattr(text, "tokenize", lambda caption: seen.append(len(caption)) or real(caption))
+    tok = Tokenizer(Vocabulary.from_words(["a", "b"]), max_chars=40)
+    with pytest.warns(UserWarning, match="1 caption.s. longer than 40 characters"):
+        batch = tok.encode_batch(["a. " * 300_000, "b"])
+    assert seen == [40, 1] and batch.cut == (0,) and batch.lengths.tolist() == [14, 1]
 
 
 def test_vocabulary_round_trip_and_errors(tmp_path):

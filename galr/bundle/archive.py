@@ -30,8 +30,8 @@ from galr.bundle.format import (
 )
 from galr.config import GaLRConfig
 from galr.container import ContainerReader, ContainerWriter, sha256_bytes, table_sha256
-from galr.graphs import GRAPH_NAMES
 from galr.errors import InputError, NotFoundError
+from galr.graphs import GRAPH_NAMES
 from galr.preprocess.spec import PreprocessSpec
 from galr.preprocess.text import Vocabulary, VocabularyError
 

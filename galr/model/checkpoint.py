@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -73,18 +74,23 @@ def _read(path: Path) -> Any:
         # saved from CUDA tensors (all of the authors') load on CPU-only machines.
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types (UnpicklingError, RuntimeError, EOFError)
-        raise CheckpointError(
-            f"{path}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {_shorten(str(exc), 300)}). "
-            "Only tensors and plain Python values are accepted (weights_only=True)."
-        ) from None
+        raise CheckpointError(f"{path}: cannot be read as a galr or GaLR checkpoint: {_load_failure(exc)}") from None
 
 
-def _shorten(text: str, limit: int) -> str:
-    """``text`` cut at a word boundary to about ``limit`` characters, marked when cut."""
-    text = " ".join(text.split())
-    if len(text) <= limit:
-        return text
-    return text[:limit].rsplit(" ", 1)[0] + " [...]"
+def _load_failure(exc: BaseException) -> str:
+    """What torch's refusal means, in one sentence (its own text advises turning the safety off)."""
+    message = str(exc)
+    blocked = re.search(r"GLOBAL (\S+)", message)
+    if blocked:
+        return (f"it asks to run code ({blocked.group(1).rstrip('.,;')}), which galr never does; only tensors and "
+                "plain Python values are loaded. Do not load this file with weights_only=False unless you trust "
+                "its source")
+    if "Weights only load failed" in message:  # torch's preamble; the unpickler's own words follow
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n", message)
+        return (f"the pickle inside is not one galr can read ({detail.group(1).strip() if detail else 'refused'}); "
+                "is it a complete checkpoint file?")
+    first = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
+    return f"{type(exc).__name__}: {first}; is it a complete checkpoint file?"
 
 
 def _shape(state: Mapping[str, torch.Tensor], key: str, path: Path) -> tuple[int, ...]:

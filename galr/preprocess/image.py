@@ -21,7 +21,11 @@ grey levels, so do not feed it tensors if you need parity.
 * TIFFs Pillow cannot read faithfully (more than 8 bits in a multi-channel raster, more samples
   than Pillow exposes, float RGB, unknown layouts) are read with ``tifffile`` when it is installed
   (extra ``galr[tiff]``); ``config.bands`` picks R, G, B from their channels.
-* Decompression bombs are refused from the header size, before any pixel is decoded.
+* Decompression bombs are refused from the header, before any pixel is decoded: the pixel count
+  (``max_pixels``) and the decoded size in bytes, width x height x bands x bytes per sample
+  (``max_decoded_bytes``), so a small file declaring 64 bands of 16 bits is refused too.
+* Pillow's own warnings about a file (a possible bomb, samples it cannot decode) come out as one
+  :class:`ImageWarning` naming the file.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Sequence, Union
@@ -41,6 +46,11 @@ from galr.serialization import fields_from_dict
 
 # Pillow's own hard limit (it raises above 2 * MAX_IMAGE_PIXELS); 178_956_970 px ~ 13_377 x 13_377.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
+#: Decoded bytes of one image at most (1 GiB): an 8-bit RGB image at the pixel limit fits, a 64-band
+#: 16-bit 4096 x 4096 raster (2 GiB) does not.
+DEFAULT_MAX_DECODED_BYTES = 1 << 30
+# Bytes per sample of Pillow modes holding more than 8 bits per channel.
+_MODE_SAMPLE_BYTES = {"I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2, "I": 4, "F": 4, "RGBA;16": 2}
 
 _RESAMPLING: dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
@@ -70,6 +80,10 @@ class ImageLoadError(InputError):
     """An image could not be read or converted; the message names the file and what to do."""
 
 
+class ImageWarning(UserWarning):
+    """Something about an image worth knowing (Pillow's own warnings, re-worded to name the file)."""
+
+
 @dataclass(frozen=True)
 class ImagePreprocessConfig:
     """How images become the model's ``float32 [3, size, size]`` input.
@@ -84,6 +98,8 @@ class ImagePreprocessConfig:
         max_pixels: refuse images whose header declares more than ``width * height`` pixels.
             Values above Pillow's own hard limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``) only take
             effect if that process-wide Pillow setting is raised as well.
+        max_decoded_bytes: refuse images whose header declares more decoded bytes than this
+            (width x height x bands x bytes per sample).
     """
 
     size: int = 256
@@ -92,6 +108,7 @@ class ImagePreprocessConfig:
     interpolation: str = "bilinear"
     bands: tuple[int, int, int] = (0, 1, 2)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -107,8 +124,9 @@ class ImagePreprocessConfig:
             )
         if len(self.bands) != 3 or min(self.bands) < 0:
             raise InputError(f"ImagePreprocessConfig.bands needs 3 non-negative channel indices, got {self.bands}")
-        if self.max_pixels < 1:
-            raise InputError(f"ImagePreprocessConfig.max_pixels must be positive, got {self.max_pixels}")
+        if self.max_pixels < 1 or self.max_decoded_bytes < 1:
+            raise InputError(f"ImagePreprocessConfig.max_pixels and .max_decoded_bytes must be positive, got "
+                             f"{self.max_pixels} and {self.max_decoded_bytes}")
 
     @property
     def resample(self) -> Image.Resampling:
@@ -209,11 +227,21 @@ def _source_name(source: Any) -> str:
     return str(getattr(source, "name", "<stream>"))
 
 
-def _check_pixel_count(width: int, height: int, config: ImagePreprocessConfig, name: str) -> None:
+def _check_size(width: int, height: int, bands: int, sample_bytes: int, config: ImagePreprocessConfig,
+                name: str) -> None:
+    """Refuse, from the header, an image whose pixels or decoded bytes exceed the configured bounds."""
     if width * height > config.max_pixels:
         raise ImageLoadError(
             f"{name}: refusing a {width}x{height} image ({width * height} pixels > max_pixels={config.max_pixels}); "
             "it may be a decompression bomb. Downsample or tile the file, or raise ImagePreprocessConfig.max_pixels "
+            "if you trust it"
+        )
+    decoded = width * height * max(1, bands) * max(1, sample_bytes)
+    if decoded > config.max_decoded_bytes:
+        raise ImageLoadError(
+            f"{name}: refusing a {width}x{height} image of {bands} band(s) of {8 * sample_bytes} bits: it decodes to "
+            f"{decoded / 2**20:.0f} MiB > max_decoded_bytes={config.max_decoded_bytes / 2**20:.0f} MiB; it may be "
+            "a decompression bomb. Tile or convert the file, or raise ImagePreprocessConfig.max_decoded_bytes "
             "if you trust it"
         )
 
@@ -241,7 +269,9 @@ def _read_tiff_with_tifffile(stream: BinaryIO, config: ImagePreprocessConfig, na
     try:
         with tifffile.TiffFile(stream) as tif:
             page = tif.pages[0]
-            _check_pixel_count(int(page.imagewidth), int(page.imagelength), config, name)
+            samples = int(np.prod(page.shape)) // max(1, int(page.imagewidth) * int(page.imagelength))
+            _check_size(int(page.imagewidth), int(page.imagelength), samples, np.dtype(page.dtype).itemsize, config,
+                        name)
             axes, pixels = page.axes, page.asarray()
     except ImageLoadError:
         raise
@@ -261,6 +291,20 @@ def _read_tiff_with_tifffile(stream: BinaryIO, config: ImagePreprocessConfig, na
 
 
 def _decode_stream(stream: BinaryIO, config: ImagePreprocessConfig, name: str) -> Image.Image:
+    """Decode with the rules of the module docstring; Pillow's warnings come out as :class:`ImageWarning`.
+
+    (``catch_warnings`` is process-wide before Python 3.14: a warning another thread raises meanwhile
+    may be re-worded as this file's too.)
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = _decode_checked(stream, config, name)
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        warnings.warn(ImageWarning(f"{name}: {message}"), stacklevel=3)
+    return image
+
+
+def _decode_checked(stream: BinaryIO, config: ImagePreprocessConfig, name: str) -> Image.Image:
     start = stream.tell()
     head = stream.read(4)
     stream.seek(start)
@@ -279,7 +323,11 @@ def _decode_stream(stream: BinaryIO, config: ImagePreprocessConfig, name: str) -
             f"{name}: not a readable image (Pillow cannot identify it); check that the file is an image and not "
             "empty, HTML or text saved under an image extension"
         ) from exc
-    _check_pixel_count(image.width, image.height, config, name)
+    tags = getattr(image, "tag_v2", {})
+    bands = max(len(image.getbands()), int(tags.get(_TIFF_SAMPLES_PER_PIXEL, 1)) if is_tiff else 0)
+    bits = tags.get(_TIFF_BITS_PER_SAMPLE, (8,)) if is_tiff else (8,)
+    sample_bytes = max(_MODE_SAMPLE_BYTES.get(image.mode, 1), (max(bits if isinstance(bits, tuple) else (bits,)) + 7) // 8)
+    _check_size(image.width, image.height, bands, sample_bytes, config, name)
     if is_tiff and _tiff_needs_tifffile(image):
         stream.seek(start)
         reason = f"it is a multi-band or >8-bit TIFF (Pillow mode {image.mode})"
@@ -410,6 +458,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "ImageLoadError",
     "ImagePreprocessConfig",
+    "ImageWarning",
     "load_and_preprocess",
     "load_image",
     "preprocess_image",

@@ -36,6 +36,10 @@ PAD_ID = 0
 #: Longest caption kept, in tokens, unless a model's preprocessing says otherwise (the original has no
 #: explicit cap; its evaluation buffer holds 47 tokens).
 DEFAULT_MAX_TEXT_LENGTH = 64
+#: Characters of one caption handed to NLTK; the rest is cut, with a warning. NLTK's sentence
+#: splitter slows down badly on pathological lines (a long run of "a. a. a."), and 2,048 characters
+#: hold many times the tokens a model keeps.
+DEFAULT_MAX_CHARS = 2048
 
 
 @lru_cache(maxsize=1)
@@ -146,11 +150,16 @@ class Vocabulary:
 
 @dataclass(frozen=True)
 class EncodedCaptions:
-    """A right-padded batch of token ids (``tokens``: int64 [n, T], 0 = padding)."""
+    """A right-padded batch of token ids (``tokens``: int64 [n, T], 0 = padding).
+
+    ``truncated`` lists the captions that had more than ``max_length`` tokens, ``cut`` those that had
+    more than ``max_chars`` characters (both kept their beginning).
+    """
 
     tokens: np.ndarray
     lengths: np.ndarray
     truncated: tuple[int, ...] = ()
+    cut: tuple[int, ...] = ()
 
 
 class Tokenizer:
@@ -163,11 +172,13 @@ class Tokenizer:
             ``max_length`` tokens and a warning names them.
     """
 
-    def __init__(self, vocab: Vocabulary, max_length: int = DEFAULT_MAX_TEXT_LENGTH) -> None:
-        if max_length < 1:
-            raise InputError(f"max_length must be at least 1, got {max_length}")
+    def __init__(self, vocab: Vocabulary, max_length: int = DEFAULT_MAX_TEXT_LENGTH,
+                 max_chars: int = DEFAULT_MAX_CHARS) -> None:
+        if max_length < 1 or max_chars < 1:
+            raise InputError(f"max_length and max_chars must be at least 1, got {max_length} and {max_chars}")
         self.vocab = vocab
         self.max_length = max_length
+        self.max_chars = max_chars
 
     def warm_up(self) -> None:
         """Load NLTK now rather than inside the first caption's encoding, e.g. when a server
@@ -175,17 +186,24 @@ class Tokenizer:
         _nltk_tokenizers()
 
     def encode(self, caption: str) -> list[int]:
-        """Token ids of one caption, without padding or truncation."""
-        return self.vocab.encode_tokens(tokenize(caption))
+        """Token ids of one caption's first ``max_chars`` characters, without padding or truncation."""
+        return self.vocab.encode_tokens(tokenize(caption[: self.max_chars]))
 
     def encode_batch(self, captions: Sequence[str], warn: bool = True) -> EncodedCaptions:
-        """Encode and right-pad with 0 to the longest caption (at most ``max_length``)."""
+        """Encode and right-pad with 0 to the longest caption (at most ``max_length``).
+
+        With ``warn``, one warning counts the captions cut at ``max_chars`` characters and at
+        ``max_length`` tokens (callers that name each caption pass ``warn=False`` and use
+        :attr:`EncodedCaptions.cut` and :attr:`EncodedCaptions.truncated`).
+        """
         ids = [self.encode(c) for c in captions]
         truncated = tuple(i for i, row in enumerate(ids) if len(row) > self.max_length)
-        if truncated and warn:
+        cut = tuple(i for i, caption in enumerate(captions) if len(caption) > self.max_chars)
+        if (truncated or cut) and warn:
+            first = (cut or truncated)[0]
             warnings.warn(
-                f"{len(truncated)} caption(s) longer than {self.max_length} tokens were truncated "
-                f"(first: #{truncated[0]}: {captions[truncated[0]][:60]!r})",
+                f"{len(cut)} caption(s) longer than {self.max_chars} characters and {len(truncated)} longer than "
+                f"{self.max_length} tokens kept their beginning (first: #{first}: {captions[first][:60]!r})",
                 stacklevel=2,
             )
         width = max([1] + [min(len(r), self.max_length) for r in ids])
@@ -195,7 +213,7 @@ class Tokenizer:
             row = row[: self.max_length]
             tokens[i, : len(row)] = row
             lengths[i] = len(row)
-        return EncodedCaptions(tokens, lengths, truncated)
+        return EncodedCaptions(tokens, lengths, truncated, cut)
 
 
 @dataclass(frozen=True)

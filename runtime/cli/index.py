@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import click
 
 from galr import paths
+from galr.atomic import check_writable, exclusive_lock
 from galr.console import GalrCommand, printable
 from galr.errors import InputError, NotFoundError, NothingDoneError
 from galr.preprocess.text import read_text_lines
@@ -24,8 +25,8 @@ from galr.runtime.index import (
     SkippedImage,
     build_index,
     encode_image_files,
-    iter_image_files,
     load_index,
+    scan_image_files,
 )
 
 _MAX_REASONS = 20  # skipped images listed one per line; the rest are counted
@@ -38,17 +39,21 @@ Examples:
 """
 
 
-def _collect_images(arguments: Sequence[Path]) -> list[Path]:
-    """Image files named by IMAGES: folders are scanned recursively, files are taken as given."""
+def _collect_images(arguments: Sequence[Path]) -> tuple[list[Path], list[SkippedImage]]:
+    """Image files named by IMAGES (folders are scanned recursively, files are taken as given), and
+    image names found in the folders that cannot be read."""
     files: list[Path] = []
+    unreadable: list[SkippedImage] = []
     for argument in arguments:
         if argument.is_dir():
-            files.extend(iter_image_files(argument))
+            found, skipped = scan_image_files(argument)
+            files.extend(found)
+            unreadable.extend(skipped)
         elif argument.is_file():
             files.append(argument)
         else:
             raise NotFoundError(f"{argument}: no such image file or folder")
-    return files
+    return files, unreadable
 
 
 def _image_root(arguments: Sequence[Path], explicit: Path | None, index: GalleryIndex | None) -> Path | None:
@@ -147,14 +152,20 @@ def _size_text(size: int) -> str:
 @click.option("--root", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Image ids are paths relative to this folder  [default: the index's root, else the one IMAGES "
                    "folder, else the paths as given]")
+@click.option("--overwrite", is_flag=True, help="Replace an existing index at --output with a new one.")
+@click.option("--lock-timeout", type=click.FloatRange(min=0), default=600, show_default=True,
+              help="Seconds to wait while another galr-index writes the same index, then give up (exit 2).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, local_file: Path | None, output: Path,
          storage: str | None, batch_size: int, backend: str, device: str, precision: str, text_bank: Path | None,
-         update: bool, remove_ids: tuple[str, ...], root: Path | None, progress: bool) -> None:
+         update: bool, remove_ids: tuple[str, ...], root: Path | None, overwrite: bool, lock_timeout: float,
+         progress: bool) -> None:
     """Embed the images in IMAGES (folders are scanned for png/jpg/tif/bmp) into a gallery index.
 
     The index holds one embedding per image, the images' metadata, the model hash of the bundle
     (other models are refused when searching or updating) and the text bank MR reranks with.
+    Writers of one index take turns (an OS lock beside it); an existing index is only replaced with
+    --overwrite.
     """
     if detections is not None and local_file is not None:
         raise click.UsageError("give --detections or --local, not both")
@@ -170,20 +181,26 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, local_
     if editing and not output.is_file():
         raise NotFoundError(f"no index at {output} to edit; build it first: galr-index IMAGES --engine {bundle} "
                             f"-o {output}")
+    check_writable(output)
+    if not editing and output.exists() and not overwrite:
+        raise InputError(f"{output} already exists; add IMAGES to it with --update, or replace it with --overwrite")
 
     started = time.perf_counter()
     captions = [line.text for line in read_text_lines(text_bank, "captions")] if text_bank is not None else None
-    files = _collect_images(images)
+    files, unreadable = _collect_images(images)
     if images and not files:
         suffixes = ", ".join(sorted(s.lstrip(".") for s in IMAGE_SUFFIXES))
+        _report_skipped(unreadable)
         raise NothingDoneError(f"no images ({suffixes}) in {', '.join(map(str, images))}; nothing written")
 
     encoders = load_engine(bundle, backend=backend, device=device, precision=precision) if (files or captions) else None
     try:
         if encoders is not None:
             click.echo(f"engine: {encoders.info.describe()}")
-        _run(encoders, files, images, output, storage, batch_size, detections, local_file, captions, editing,
-             removals, root, progress)
+        # From reading the index to replacing it, no other writer may save it: its edits would be lost.
+        with exclusive_lock(output, timeout=lock_timeout, on_wait=lambda message: click.echo(message, err=True)):
+            _run(encoders, files, unreadable, images, output, storage, batch_size, detections, local_file, captions,
+                 editing, removals, root, progress)
     finally:
         if encoders is not None:
             encoders.close()
@@ -191,9 +208,9 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, local_
     click.echo(f"wrote {printable(output)} ({size}) in {time.perf_counter() - started:.1f} s")
 
 
-def _run(encoders: Any, files: list[Path], images: Sequence[Path], output: Path, storage: str | None, batch_size: int,
-         detections: Path | None, local_file: Path | None, captions: list[str] | None, editing: bool,
-         removals: list[str], root: Path | None, progress: bool) -> None:
+def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], images: Sequence[Path], output: Path,
+         storage: str | None, batch_size: int, detections: Path | None, local_file: Path | None,
+         captions: list[str] | None, editing: bool, removals: list[str], root: Path | None, progress: bool) -> None:
     """Load or build the index, apply the edits and save it (the body of :func:`main`)."""
     index = None
     if editing:
@@ -218,6 +235,7 @@ def _run(encoders: Any, files: list[Path], images: Sequence[Path], output: Path,
             indexed, replaced = len(records), sum(record.id in index for record in records)
             if records:
                 index.add(records, embeddings, replace=True)
+        skipped = unreadable + skipped
         _report_skipped(skipped)
         if indexed == 0:
             raise NothingDoneError(f"none of the {len(files)} images could be indexed; nothing written")

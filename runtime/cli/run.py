@@ -10,12 +10,13 @@ from pathlib import Path
 import click
 
 from galr import paths
-from galr.atomic import write_text_atomically
+from galr.atomic import check_writable, write_text_atomically
 from galr.config import RerankConfig
 from galr.console import GalrCommand, printable
-from galr.errors import NotFoundError
+from galr.errors import NotFoundError, NothingDoneError
 from galr.preprocess.text import read_text_lines
 from galr.runtime.backends.registry import AUTO, REQUESTABLE_DEVICES, backend_names
+from galr.runtime.encoders import QueryWarning
 
 _EPILOG = """\b
 Examples:
@@ -25,13 +26,25 @@ Examples:
 """
 
 
-def read_queries(path: Path) -> list[str]:
-    """One query per line; blank lines and lines starting with ``#`` are ignored.
+def _usable_queries(lines: list, encoders) -> list:
+    """The lines that can be encoded; each one that cannot is skipped with a warning naming its line."""
+    usable = []
+    for line in lines:
+        problem = encoders.query_problem(line.text)
+        if problem is None:
+            usable.append(line)
+        else:
+            warnings.warn(QueryWarning(f"line {line.number} ({printable(line.text[:60])!r}) {problem}; skipped",
+                                       f"line {line.number}"), stacklevel=2)
+    return usable
 
-    Raises:
-        NotFoundError, InputError: see :func:`galr.preprocess.text.read_text_lines`.
-    """
-    return [line.text for line in read_text_lines(path, "queries")]
+
+def _report_warnings(caught: list, lines: list) -> None:
+    """Each distinct warning once, those about a query in the order of its line in the file."""
+    line_of = {f"line {line.number}": line.number for line in lines}
+    ordered = sorted(caught, key=lambda w: line_of.get(getattr(w.message, "label", None), 0))
+    for message in dict.fromkeys(str(w.message) for w in ordered):
+        click.echo(f"warning: {printable(message)}", err=True)
 
 
 @click.command("galr-run", cls=GalrCommand, epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,11 +76,15 @@ def main(query_file, bundle, index_path, top_k, rerank, mode, detections, backen
     from galr.runtime.report.table import format_results
     from galr.runtime.retriever import Retriever
 
-    queries = read_queries(query_file)
+    lines = read_text_lines(query_file, "queries")
+    for output in (json_path, html_path):
+        if output is not None:
+            check_writable(output)  # before minutes of work, not after
     if mode == "image2text":
-        missing = [q for q in queries if not Path(q).is_file()]
+        missing = [line for line in lines if not Path(line.text).is_file()]
         if missing:
-            raise NotFoundError(f"image not found: {missing[0]} (image2text reads one image path per line)")
+            raise NotFoundError(f"line {missing[0].number}: image not found: {missing[0].text} (image2text reads one "
+                                "image path per line)")
     config = RerankConfig(k=max(mr_k, MIN_CANDIDATES), wp1=wp1, wp2=wp2)
     start = time.perf_counter()
     retriever = Retriever.open(bundle, index_path, backend=backend, device=device, precision=precision, rerank=config)
@@ -80,12 +97,16 @@ def main(query_file, bundle, index_path, top_k, rerank, mode, detections, backen
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if mode == "text2image":
-                results = retriever.search_text(queries, top_k=top_k, rerank=rerank)
+                usable = _usable_queries(lines, retriever.encoders)
+                results = retriever.search_text([line.text for line in usable], top_k=top_k, rerank=rerank,
+                                                labels=[f"line {line.number}" for line in usable])
             else:
-                results = retriever.search_images(queries, local=str(detections) if detections else None,
-                                                  top_k=top_k, rerank=rerank)
-        for message in dict.fromkeys(str(w.message) for w in caught):
-            click.echo(f"warning: {printable(message)}", err=True)
+                results = retriever.search_images([line.text for line in lines],
+                                                  local=str(detections) if detections else None, top_k=top_k,
+                                                  rerank=rerank)
+        _report_warnings(caught, lines)
+        if not results:
+            raise NothingDoneError(f"none of the {len(lines)} queries in {query_file} can be encoded; nothing written")
         click.echo(format_results(results, mode))
         total = sum(sum(r.timings_ms.values()) for r in results)
         click.echo(f"\n{len(results)} queries in {total:.1f} ms ({total / len(results):.2f} ms per query)")
@@ -103,4 +124,4 @@ def main(query_file, bundle, index_path, top_k, rerank, mode, detections, backen
             click.echo(f"wrote {printable(html_path)}")
 
 
-__all__ = ["main", "read_queries"]
+__all__ = ["main"]

@@ -12,6 +12,7 @@ from galr.runtime.index.build import (
     encode_image_files,
     image_id,
     iter_image_files,
+    scan_image_files,
 )
 from galr.runtime.index.gallery import (
     GalleryIndex,
@@ -47,4 +48,5 @@ __all__ = [
     "iter_image_files",
     "load_index",
     "save_index",
+    "scan_image_files",
 ]

@@ -36,14 +36,17 @@ class SkippedImage:
     reason: str
 
 
-def iter_image_files(folder: str | os.PathLike) -> list[Path]:
-    """Image files under ``folder``, recursively, sorted by path.
+def scan_image_files(folder: str | os.PathLike) -> tuple[list[Path], list[SkippedImage]]:
+    """Image files under ``folder``, recursively, sorted by path, and the image names that cannot be read.
+
+    A name with an image suffix that is not a readable file (a broken link, a symbolic-link loop, a
+    special file) is listed as skipped with the reason instead of vanishing.
 
     Args:
         folder: the folder to scan; files with suffixes in :data:`IMAGE_SUFFIXES` (any case) count.
 
     Returns:
-        The image paths (``folder`` joined with their relative paths).
+        ``(image paths, skipped)``; paths are ``folder`` joined with their relative paths.
 
     Raises:
         InputError: ``folder`` is not a folder.
@@ -51,8 +54,24 @@ def iter_image_files(folder: str | os.PathLike) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"{root}: not a folder of images")
-    found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    found, skipped = [], []
+    for path in root.rglob("*"):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        try:
+            if path.stat().st_mode and path.is_file():
+                found.append(path)
+            elif not path.is_dir():
+                skipped.append(SkippedImage(str(path), "not a regular file"))
+        except OSError as exc:  # a loop of links (ELOOP), a dangling link, no permission
+            skipped.append(SkippedImage(str(path), f"cannot be read ({exc.strerror or exc})"))
+    key = lambda p: Path(p).relative_to(root).as_posix()  # noqa: E731
+    return sorted(found, key=key), sorted(skipped, key=lambda s: key(s.path))
+
+
+def iter_image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files of :func:`scan_image_files` (what cannot be read is left out)."""
+    return scan_image_files(folder)[0]
 
 
 def image_id(path: str | os.PathLike, root: str | os.PathLike | None) -> str:
@@ -205,4 +224,5 @@ def build_index(encoders: Any, image_paths: Sequence[str | os.PathLike], local: 
     return index, skipped
 
 
-__all__ = ["IMAGE_SUFFIXES", "SkippedImage", "build_index", "encode_image_files", "image_id", "iter_image_files"]
+__all__ = ["IMAGE_SUFFIXES", "SkippedImage", "build_index", "encode_image_files", "image_id", "iter_image_files",
+           "scan_image_files"]
