@@ -5,8 +5,9 @@
 
 Sections (``--only`` picks some): ``limits`` (analytic costs, machine peaks), ``rerank`` (batched MR
 vs the original loop), ``gallery`` (index build, search, memory), ``encoders`` (latency and
-throughput per encoder and backend) and ``accuracy`` (the trained demo model at every precision).
-They run in that order, so the machine peaks are measured before any inference session exists.
+throughput per encoder and backend), ``accuracy`` (the trained demo model at every precision) and
+``bounds`` (peak memory of many queries and of large or hostile images). They run in that order, so
+the machine peaks are measured before any inference session exists.
 
 Quick mode uses a tiny model (:meth:`GaLRConfig.small`), one thread, a 10k gallery, the RSITMD-sized MR
 only and few repeats; it skips accuracy unless ``--checkpoint`` is given. Its numbers check that the
@@ -31,7 +32,8 @@ from galr.atomic import write_text_atomically
 from galr.console import GalrCommand
 from galr.errors import GateError, InputError
 
-SECTIONS: tuple[str, ...] = ("limits", "rerank", "gallery", "encoders", "accuracy")
+#: The sections in the order they run (the report orders them its own way).
+SECTIONS: tuple[str, ...] = ("limits", "rerank", "gallery", "encoders", "accuracy", "bounds")
 DEFAULT_OUTPUT = Path("bench/results.json")
 _BLAS_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -109,6 +111,7 @@ class BenchOptions:
 
 def _settings(options: BenchOptions, threads: int) -> dict[str, Any]:
     """Per-section settings of the mode, built on first use (the bench modules import numpy)."""
+    from galr.bench.bounds import BoundsSettings
     from galr.bench.encoders import EncoderBenchSettings
     from galr.bench.gallery import GallerySettings
     from galr.bench.harness import TimingSettings
@@ -123,6 +126,7 @@ def _settings(options: BenchOptions, threads: int) -> dict[str, Any]:
             "gallery": GallerySettings(threads=threads, seed=seed),
             "rerank": RerankBenchSettings(seed=seed),
             "limits": PeakSettings(),
+            "bounds": BoundsSettings(seed=seed),
         }
     fast = TimingSettings(warmup=2, repeats=3, min_iterations=2, max_iterations=10, target_seconds=0.05)
     return {
@@ -134,6 +138,8 @@ def _settings(options: BenchOptions, threads: int) -> dict[str, Any]:
         "rerank": RerankBenchSettings(sizes=("RSITMD test",), seed=seed, reference_runs=1,
                                       timing=TimingSettings(warmup=1, repeats=3, min_iterations=1, max_iterations=1)),
         "limits": PeakSettings(matmul_size=512, stream_bytes=32 * 2**20, timing=fast.with_iterations(1, 5)),
+        "bounds": BoundsSettings(query_counts=(10, 100), text_bank=300, gallery=100, tiff_side=512, tiff_bands=16,
+                                 png_side=1200, png_count=2, seed=seed),
     }
 
 
@@ -173,6 +179,7 @@ def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[st
     blas_threads = _limit_threads(threads)
     from galr.bench import harness
     from galr.bench.accuracy import run_accuracy
+    from galr.bench.bounds import run_bounds_benchmarks
     from galr.bench.encoders import (
         prepare_model,
         run_encoder_benchmarks,
@@ -204,7 +211,7 @@ def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[st
         sections["rerank"] = run_rerank_benchmarks(settings["rerank"], log)
     with tempfile.TemporaryDirectory(prefix="galr-bench-") as scratch:
         bench = None
-        if wanted & {"encoders", "gallery"}:
+        if wanted & {"encoders", "gallery", "bounds"}:
             log("preparing the random-weight benchmark model and its bundle")
             bench = prepare_model(encoder_settings.config, Path(options.work_dir or scratch),
                                   fp16=tensorrt_unavailable_reason() is None,
@@ -213,6 +220,8 @@ def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[st
             sections["gallery"] = run_gallery_benchmarks(bench, settings["gallery"], log)
         if "encoders" in wanted:
             sections["encoders"] = run_encoder_benchmarks(bench, encoder_settings, log)
+        if "bounds" in wanted:
+            sections["bounds"] = run_bounds_benchmarks(bench, settings["bounds"], log)
     if "accuracy" in wanted:
         chosen = _accuracy_paths(options)
         sections["accuracy"] = (run_accuracy(*chosen, log) if chosen is not None else harness.not_run(

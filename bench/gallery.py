@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,8 @@ from galr.bench.harness import (
     TimingSettings,
     measure,
     not_run,
+    peak_bytes,
+    resident_bytes,
     stopwatch,
 )
 
@@ -143,31 +144,6 @@ def measure_index_build(bench: Any, settings: GallerySettings, log: Log) -> list
 # Search at scale, one process per case
 
 
-def _status_bytes(field: str) -> int | None:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes, or ``None`` off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _resident_bytes() -> int | None:
-    return _status_bytes("VmRSS")
-
-
-def _peak_bytes() -> int:
-    # VmHWM belongs to this process's address space; getrusage's ru_maxrss can carry the parent's
-    # peak over fork/exec, so it is only the fallback (macOS reports bytes, Linux KiB).
-    peak = _status_bytes("VmHWM")
-    if peak is not None:
-        return peak
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss if sys.platform == "darwin" else maxrss * 1024
-
-
 def search_case(size: int, storage: str, settings: GallerySettings) -> dict[str, Any]:
     """Fill one index and time its search (runs in the calling process; see :func:`measure_search`).
 
@@ -179,7 +155,7 @@ def search_case(size: int, storage: str, settings: GallerySettings) -> dict[str,
 
     rng = np.random.default_rng(settings.seed)
     dim = settings.embed_dim
-    resident_before, peak_before = _resident_bytes(), _peak_bytes()
+    resident_before, peak_before = resident_bytes(), peak_bytes()
     index = GalleryIndex("benchmark", dim, storage)
     insert_seconds = 0.0
     for start in range(0, size, settings.block_rows):
@@ -190,7 +166,7 @@ def search_case(size: int, storage: str, settings: GallerySettings) -> dict[str,
         index.add([ImageRecord(f"image_{i:07d}", "", 0, 0) for i in range(start, start + rows)], block)
         insert_seconds += elapsed()
         del block
-    resident_after, peak_after = _resident_bytes(), _peak_bytes()
+    resident_after, peak_after = resident_bytes(), peak_bytes()
     queries = rng.standard_normal((settings.query_batch, dim), dtype=np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     single = measure(lambda: index.search(queries[:1], k=settings.top_k, device="cpu"), settings.timing)

@@ -24,7 +24,9 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +39,7 @@ from galr.errors import InputError, NotFoundError
 
 SCHEMA_NAME = "galr-bench"
 SCHEMA_VERSION = 1
-SECTION_NAMES: tuple[str, ...] = ("encoders", "gallery", "rerank", "accuracy", "limits")
+SECTION_NAMES: tuple[str, ...] = ("encoders", "gallery", "rerank", "accuracy", "limits", "bounds")
 STATUS_OK = "ok"
 STATUS_NOT_RUN = "not run"
 
@@ -379,6 +381,33 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise InputError(f"{path} lacks the sections {missing}; rerun galr-bench")
     return data
+
+
+def _status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes, or ``None`` off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory now, in bytes (``None`` off Linux)."""
+    return _status_bytes("VmRSS")
+
+
+def peak_bytes() -> int:
+    """This process's peak resident memory so far, in bytes."""
+    # VmHWM belongs to this process's address space; getrusage's ru_maxrss can carry the parent's
+    # peak over fork/exec, so it is only the fallback (macOS reports bytes, Linux KiB).
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
 
 
 def stopwatch() -> Callable[[], float]:

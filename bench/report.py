@@ -180,6 +180,43 @@ def _gallery(section: Mapping[str, Any]) -> str:
     ])
 
 
+def _bounds(section: Mapping[str, Any]) -> str:
+    if section.get("status") != STATUS_OK:
+        return _not_run(section)
+    queries = section["queries"]
+    ok = [row for row in queries if row.get("status") == STATUS_OK]
+    query_rows = [(f"{row['queries']:,}", f"{row['text_bank']:,}", _number(row.get("peak_mb")),
+                   _number(row["peak_mb"] / ok[0]["peak_mb"]) if row in ok and ok else "", _number(row["seconds"]))
+                  if row.get("status") == STATUS_OK else (f"{row['queries']:,}", "", f"not run: {row['reason']}", "", "")
+                  for row in queries]
+    tiff, pngs = section["tiff"], section["pngs"]
+    parts = [
+        "Each case runs in a fresh process; peak = its resident high-water mark (VmHWM), interpreter, numpy and "
+        "ONNX Runtime included.",
+        f"**Many queries**: `galr-run` with MR over N queries, a gallery of {section['settings']['gallery']:,} and a "
+        "text bank (MR's reverse-search bank). The retriever answers in blocks whose bank scores stay under "
+        "64 MiB, so the peak must not grow with N:",
+        _table(("queries", "text bank", "peak MiB", "x the first row", "seconds"), query_rows),
+    ]
+    if tiff.get("status") == STATUS_OK:
+        parts.append(
+            f"**A TIFF bomb**: {tiff['side']}x{tiff['side']}, {tiff['bands']} bands of 16 bits: {_number(tiff['file_mb'])} "
+            f"MiB on disk, {_number(tiff['decoded_mb'])} MiB decoded. `load_image` peak {_number(tiff['peak_mb'])} MiB; "
+            f"outcome: {tiff['outcome']}")
+    else:
+        parts.append(f"**A TIFF bomb**: {_not_run(tiff)}")
+    if pngs.get("status") == STATUS_OK:
+        extra = pngs["peak_mb"] - pngs["model_peak_mb"]
+        parts.append(
+            f"**Large images in one batch**: {pngs['count']} PNGs of {pngs['side']}x{pngs['side']} "
+            f"({_number(pngs['decoded_mb_each'])} MiB each decoded) through `encode_images` at once: peak "
+            f"{_number(pngs['peak_mb'])} MiB against {_number(pngs['model_peak_mb'])} MiB for the model alone, i.e. "
+            f"{_number(extra)} MiB above it: about one decoded image (the bound), not {pngs['count']}.")
+    else:
+        parts.append(f"**Large images in one batch**: not run: {pngs.get('error') or pngs.get('reason')}")
+    return "\n\n".join(parts)
+
+
 def _rerank(section: Mapping[str, Any]) -> str:
     if section.get("status") != STATUS_OK:
         return _not_run(section)
@@ -400,8 +437,9 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         ("3. MR rerank: batched vs the original algorithm", _rerank),
         ("4. Accuracy on the synthetic benchmark", _accuracy),
         ("5. Limits: how close to what the hardware allows", _limits),
+        ("6. Memory bounds: many queries, large and hostile images", _bounds),
     ]
-    names = ("encoders", "gallery", "rerank", "accuracy", "limits")
+    names = ("encoders", "gallery", "rerank", "accuracy", "limits", "bounds")
     body = [f"## {title}\n\n{renderer(sections[name])}" for (title, renderer), name in zip(render, names, strict=True)]
     return "\n\n".join([
         "# Benchmarks",

@@ -44,7 +44,7 @@ def test_quick_run_writes_every_section(quick_run):
     assert harness.load_results(output) == data
     assert data["mode"] == "quick"
     assert set(data["sections"]) == set(SECTIONS)
-    for name in ("encoders", "gallery", "rerank", "limits"):
+    for name in ("encoders", "gallery", "rerank", "limits", "bounds"):
         assert data["sections"][name]["status"] == "ok", name
     accuracy = data["sections"]["accuracy"]
     assert accuracy["status"] == "not run" and "--checkpoint" in accuracy["reason"]
@@ -129,11 +129,20 @@ def test_gallery_and_limits_sections(quick_run):
     assert all(f["fraction_of_limit"] > 0 for f in limits["fractions"])
 
 
+def test_bounds_run_each_case_in_its_own_process(quick_run):
+    bounds = quick_run[2]["sections"]["bounds"]
+    assert [row["queries"] for row in bounds["queries"]] == list(bounds["settings"]["query_counts"])
+    assert all(row["status"] == "ok" and row["peak_mb"] > 10 for row in bounds["queries"])
+    assert bounds["tiff"]["outcome"].startswith(("accepted", "refused"))
+    pngs = bounds["pngs"]
+    assert pngs["status"] == "ok" and pngs["peak_mb"] >= pngs["model_peak_mb"] > 10
+
+
 def test_markdown_is_rendered_from_the_json(quick_run, tmp_path):
     output, markdown, data = quick_run
     text = markdown.read_text()
     for heading in ("## Machine", "## Commands", "## 1. Encoders", "## 2. Gallery", "## 3. MR rerank",
-                    "## 4. Accuracy", "## 5. Limits", "Where the gap is"):
+                    "## 4. Accuracy", "## 5. Limits", "## 6. Memory bounds", "Where the gap is"):
         assert heading in text
     assert data["command"] in text and data["machine"]["cpu"] in text
     again = tmp_path / "again.md"
