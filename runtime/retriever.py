@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -91,6 +91,7 @@ class _Side:
     bank: Searcher
     id_of: Callable[[int], str]
     record_of: Callable[[int], dict[str, Any]]
+    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Retriever:
@@ -101,12 +102,15 @@ class Retriever:
         index: a :class:`~galr.runtime.index.GalleryIndex` built with the same model.
         rerank: MR parameters (the authors' K=30, Wp1=0.3, Wp2=1.1 by default).
         device: where the exact searcher runs: ``"auto"``, ``"cpu"`` or ``"cuda"`` (CuPy).
+        search_params: the gallery searcher's search settings (``nprobe`` for ivf/ivfpq, ``ef`` for
+            hnsw); the text bank is always searched exactly.
 
     Raises:
         IndexModelMismatchError: the index was built with another model.
     """
 
-    def __init__(self, encoders, index, rerank: RerankConfig = RerankConfig(), device: str = "auto") -> None:
+    def __init__(self, encoders, index, rerank: RerankConfig = RerankConfig(), device: str = "auto",
+                 search_params: Mapping[str, Any] | None = None) -> None:
         from galr.runtime.index import IndexModelMismatchError
 
         if index.model_hash != encoders.model_hash:
@@ -115,17 +119,20 @@ class Retriever:
                 f"({encoders.model_hash[:12]}); rebuild it with `galr-index IMAGES --engine {encoders.info.bundle}`"
             )
         self.encoders, self.index, self.rerank_config, self.device = encoders, index, rerank, device
+        self.search_params = dict(search_params or {})
 
     @classmethod
     def open(cls, bundle=paths.DEFAULT_BUNDLE, index=paths.DEFAULT_INDEX, backend: str = "auto",
-             device: str = "auto", precision: str = "auto", rerank: RerankConfig = RerankConfig()) -> "Retriever":
+             device: str = "auto", precision: str = "auto", rerank: RerankConfig = RerankConfig(),
+             search_params: Mapping[str, Any] | None = None) -> "Retriever":
         """Load the encoders and the index from files (the index must come from the same model)."""
         from galr.runtime.encoders import load_engine
         from galr.runtime.index import load_index
 
         encoders = load_engine(bundle, backend=backend, device=device, precision=precision)
         try:
-            return cls(encoders, load_index(index, expected_model_hash=encoders.model_hash), rerank, device)
+            return cls(encoders, load_index(index, expected_model_hash=encoders.model_hash), rerank, device,
+                       search_params)
         except BaseException:
             encoders.close()
             raise
@@ -164,7 +171,7 @@ class Retriever:
         labels = list(labels) if labels is not None else [f"query #{i}" for i in range(len(queries))]
         index = self.index
         images = _Side(index.images, index.text_bank, lambda key: index.record(key).id,
-                       lambda key: index.record(key).to_dict())
+                       lambda key: index.record(key).to_dict(), self.search_params)
         return self._search(queries, queries, labels, lambda block, names: self.encoders.encode_text(block, names),
                             images, top_k, rerank)
 
@@ -228,7 +235,7 @@ class Retriever:
     def _search_block(self, shown: list[str], query_embeddings: np.ndarray, encode_ms: float, side: _Side,
                       top_k: int, rerank: bool, depth: int) -> list[QueryResult]:
         start = time.perf_counter()
-        values, keys = side.searcher.search(query_embeddings, depth, device=self.device)
+        values, keys = side.searcher.search(query_embeddings, depth, device=self.device, **side.params)
         search_ms = (time.perf_counter() - start) * 1e3
         start = time.perf_counter()
         mr_scores = None

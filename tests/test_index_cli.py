@@ -181,3 +181,35 @@ def test_engine_failure_is_reported_without_traceback(workspace, monkeypatch):
     result = invoke(str(images))
     assert result.exit_code == 2 and "axis 2 must be 64" in result.output
     assert "Traceback" not in result.output
+
+
+def test_search_kind_is_chosen_kept_and_changed(workspace):
+    pytest.importorskip("faiss", reason="approximate search needs faiss-cpu (pip install 'galr[faiss]')")
+    root, images, _, _ = workspace
+    result = invoke(str(images), "--search", "hnsw", "--search-setting", "M=8")
+    assert result.exit_code == 0, result.output
+    assert "hnsw search" in result.output
+    index = load_index(root / "gallery.gidx")
+    assert index.images.kind == "hnsw" and index.images.settings.M == 8
+    write_image(images / "e.png", 9)
+    assert invoke(str(images), "--update").exit_code == 0  # an existing index keeps its searcher
+    assert load_index(root / "gallery.gidx").images.kind == "hnsw"
+    result = invoke("--update", "--search", "ivf", "--search-setting", "nlist=2", "--remove", "c.png")
+    assert result.exit_code == 0, result.output
+    assert "search: ivf (moved 4 images)" in result.output
+    index = load_index(root / "gallery.gidx")
+    assert index.images.kind == "ivf" and len(index) == 4 and "c.png" not in index
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--search", "ivf", "--search-setting", "nlist"], "is not NAME=INTEGER"),
+    (["--search", "ivf", "--search-setting", "colour=3"], "unknown ivf searcher settings"),
+    (["--search", "exact", "--search-setting", "nlist=3"], "takes no settings"),
+])
+def test_bad_search_settings_exit_2_before_encoding(workspace, args, message):
+    pytest.importorskip("faiss", reason="approximate search needs faiss-cpu (pip install 'galr[faiss]')")
+    root, images, _, opened = workspace
+    result = invoke(str(images), *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (root / "gallery.gidx").exists()
+    assert all(not engine.calls for engine in opened)

@@ -238,3 +238,26 @@ def test_contact_sheet_renders_in_a_headless_browser(deployment, tmp_path):
     # Thumbnails render as real pixels: many distinct colours, not a blank or error page.
     pixels = np.asarray(picture.resize((300, 200))).reshape(-1, 3)
     assert len(np.unique(pixels, axis=0)) > 500
+
+
+def test_an_approximate_index_answers_like_the_exact_one_when_it_probes_everything(deployment, tmp_path):
+    pytest.importorskip("faiss", reason="approximate search needs faiss-cpu (pip install 'galr[faiss]')")
+    index = load_index(deployment["index"])
+    queries = ["two white planes on a runway", "many ships in the harbor"]
+    reference = Retriever(deployment["engine"], index).search_text(queries, top_k=4)
+    index.change_searcher("ivf", nlist=3)
+    path = index.save(tmp_path / "ivf.gidx")
+    for search_params, same in (({"nprobe": 3}, True), ({"nprobe": 1}, None)):
+        approximate = Retriever(deployment["engine"], load_index(path), search_params=search_params)
+        results = approximate.search_text(queries, top_k=4)
+        assert all(len(result.hits) == 4 and result.reranked for result in results)
+        if same:  # every list probed: IVF-Flat is exact, and so is MR over its candidates
+            for got, want in zip(results, reference):
+                assert [(h.id, h.rerank_score) for h in got.hits] == [(h.id, h.rerank_score) for h in want.hits]
+    result = CliRunner().invoke(run_main, [str(deployment["queries"]), "--engine", str(deployment["bundle"]),
+                                           "--index", str(path), "--nprobe", "2", "--backend", "onnxruntime"])
+    assert result.exit_code == 0, result.output
+    assert "(ivf search)" in result.output
+    result = CliRunner().invoke(run_main, [str(deployment["queries"]), "--engine", str(deployment["bundle"]),
+                                           "--index", str(path), "--nprobe", "99", "--backend", "onnxruntime"])
+    assert result.exit_code == 2 and "nprobe must be between 1 and 3" in result.output

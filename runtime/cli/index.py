@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,6 +29,7 @@ from galr.runtime.index import (
     load_index,
     scan_image_files,
 )
+from galr.runtime.index.searchers import AUTO_APPROXIMATE, AUTO_EXACT_LIMIT, SEARCHERS, resolve_searcher_kind
 
 _MAX_REASONS = 20  # skipped images listed one per line; the rest are counted
 
@@ -112,6 +114,26 @@ def _report_skipped(skipped: Sequence[SkippedImage]) -> None:
         click.echo(f"  ... and {len(skipped) - _MAX_REASONS} more", err=True)
 
 
+@dataclass(frozen=True)
+class SearchChoice:
+    """What --search and --search-setting asked for (``kind`` None: keep or pick automatically)."""
+
+    kind: str | None
+    settings: dict[str, int]
+
+
+def _settings(pairs: Sequence[str]) -> dict[str, int]:
+    settings: dict[str, int] = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            settings[name.strip()] = int(value)
+        except ValueError:
+            raise click.BadParameter(f"{pair!r} is not NAME=INTEGER (e.g. nlist=4096)",
+                                     param_hint="--search-setting") from None
+    return settings
+
+
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
@@ -152,14 +174,22 @@ def _size_text(size: int) -> str:
 @click.option("--root", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Image ids are paths relative to this folder  [default: the index's root, else the one IMAGES "
                    "folder, else the paths as given]")
+@click.option("--search", "search_kind", type=click.Choice(["auto", *SEARCHERS]), default=None,
+              help="How the gallery is searched: exact, or approximate with FAISS (ivf, ivfpq, hnsw; "
+                   "`pip install 'galr[faiss]'`). auto: exact up to "
+                   f"{AUTO_EXACT_LIMIT:,} images, {AUTO_APPROXIMATE} beyond  [default: auto; an existing index "
+                   "keeps its own unless this is given]")
+@click.option("--search-setting", "search_settings", multiple=True, metavar="NAME=INT",
+              help="A build setting of the approximate searcher (repeat): ivf/ivfpq nlist, nprobe, train_size, "
+                   "m, nbits; hnsw M, ef_construction, ef.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index at --output with a new one.")
 @click.option("--lock-timeout", type=click.FloatRange(min=0), default=600, show_default=True,
               help="Seconds to wait while another galr-index writes the same index, then give up (exit 2).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, local_file: Path | None, output: Path,
          storage: str | None, batch_size: int, backend: str, device: str, precision: str, text_bank: Path | None,
-         update: bool, remove_ids: tuple[str, ...], root: Path | None, overwrite: bool, lock_timeout: float,
-         progress: bool) -> None:
+         update: bool, remove_ids: tuple[str, ...], root: Path | None, search_kind: str | None,
+         search_settings: tuple[str, ...], overwrite: bool, lock_timeout: float, progress: bool) -> None:
     """Embed the images in IMAGES (folders are scanned for png/jpg/tif/bmp) into a gallery index.
 
     The index holds one embedding per image, the images' metadata, the model hash of the bundle
@@ -185,6 +215,7 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, local_
     if not editing and output.exists() and not overwrite:
         raise InputError(f"{output} already exists; add IMAGES to it with --update, or replace it with --overwrite")
 
+    search = SearchChoice(search_kind, _settings(search_settings))
     started = time.perf_counter()
     captions = [line.text for line in read_text_lines(text_bank, "captions")] if text_bank is not None else None
     files, unreadable = _collect_images(images)
@@ -200,7 +231,7 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, local_
         # From reading the index to replacing it, no other writer may save it: its edits would be lost.
         with exclusive_lock(output, timeout=lock_timeout, on_wait=lambda message: click.echo(message, err=True)):
             _run(encoders, files, unreadable, images, output, storage, batch_size, detections, local_file, captions,
-                 editing, removals, root, progress)
+                 editing, removals, root, search, progress)
     finally:
         if encoders is not None:
             encoders.close()
@@ -210,7 +241,8 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, local_
 
 def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], images: Sequence[Path], output: Path,
          storage: str | None, batch_size: int, detections: Path | None, local_file: Path | None,
-         captions: list[str] | None, editing: bool, removals: list[str], root: Path | None, progress: bool) -> None:
+         captions: list[str] | None, editing: bool, removals: list[str], root: Path | None, search: "SearchChoice",
+         progress: bool) -> None:
     """Load or build the index, apply the edits and save it (the body of :func:`main`)."""
     index = None
     if editing:
@@ -227,7 +259,8 @@ def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], image
         image_root = _image_root(images, root, index)
         if index is None:
             (index, skipped), without = _encode_quietly(build_index, encoders, files, local, batch_size,
-                                                        storage or "fp32", progress, image_root)
+                                                        storage or "fp32", progress, image_root,
+                                                        search.kind or "auto", search.settings)
             indexed, replaced = len(index), 0
         else:
             (records, embeddings, skipped), without = _encode_quietly(
@@ -247,6 +280,10 @@ def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], image
         click.echo(f"indexed {_count(indexed, 'image')} ({indexed - replaced} new, {replaced} replaced), "
                    f"skipped {len(skipped)}")
 
+    if editing and (search.kind not in (None, index.images.kind) or search.settings):
+        kind = resolve_searcher_kind(search.kind or index.images.kind, len(index))
+        index.change_searcher(kind, **search.settings)
+        click.echo(f"search: {kind} (moved {_count(len(index), 'image')})")
     if captions is not None:
         try:
             index.add_text_bank(captions, encoders.encode_text(captions), replace=True)
@@ -254,7 +291,7 @@ def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], image
             raise InputError(f"text bank: {exc}") from None
         click.echo(f"text bank: {_count(len(captions), 'caption')}")
     index.save(output)
-    click.echo(f"index: {_count(len(index), 'image')}, {index.storage}, "
+    click.echo(f"index: {_count(len(index), 'image')}, {index.storage}, {index.images.kind} search, "
                f"text bank {_count(len(index.text_bank_texts), 'caption')}")
 
 

@@ -66,11 +66,15 @@ def _report_warnings(caught: list, lines: list) -> None:
 @click.option("--k", "mr_k", type=int, default=RerankConfig.k, show_default=True, help="MR candidates (at least 10).")
 @click.option("--wp1", type=float, default=RerankConfig.wp1, show_default=True, help="MR salience weight.")
 @click.option("--wp2", type=float, default=RerankConfig.wp2, show_default=True, help="MR reverse-rank weight.")
+@click.option("--nprobe", type=click.IntRange(min=1), default=None,
+              help="ivf/ivfpq indexes: lists scanned per query (more: better recall, slower)  [default: the index's]")
+@click.option("--ef", type=click.IntRange(min=1), default=None,
+              help="hnsw indexes: search beam width (more: better recall, slower)  [default: the index's]")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write results as JSON.")
 @click.option("--html", "html_path", type=click.Path(path_type=Path), default=None,
               help="Also write a self-contained HTML contact sheet with thumbnails.")
 def main(query_file, bundle, index_path, top_k, rerank, mode, detections, backend, device, precision, mr_k,
-         wp1, wp2, json_path, html_path) -> None:
+         wp1, wp2, nprobe, ef, json_path, html_path) -> None:
     """Search the gallery for every query in QUERY_FILE (one per line) and show the best images."""
     from galr.retrieval.rerank import MIN_CANDIDATES
     from galr.runtime.report.table import format_results
@@ -87,12 +91,14 @@ def main(query_file, bundle, index_path, top_k, rerank, mode, detections, backen
                                 "image path per line)")
     config = RerankConfig(k=max(mr_k, MIN_CANDIDATES), wp1=wp1, wp2=wp2)
     start = time.perf_counter()
-    retriever = Retriever.open(bundle, index_path, backend=backend, device=device, precision=precision, rerank=config)
+    search_params = {name: value for name, value in (("nprobe", nprobe), ("ef", ef)) if value is not None}
+    retriever = Retriever.open(bundle, index_path, backend=backend, device=device, precision=precision, rerank=config,
+                               search_params=search_params)
     load_ms = (time.perf_counter() - start) * 1e3
     with retriever:
         index = retriever.index
         click.echo(f"engine: {retriever.encoders.info.describe()} · loaded in {load_ms:.0f} ms")
-        click.echo(f"index:  {printable(index_path)} · {len(index)} images · text bank "
+        click.echo(f"index:  {printable(index_path)} · {len(index)} images ({index.images.kind} search) · text bank "
                    f"{len(index.text_bank_texts)} captions")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

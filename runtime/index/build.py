@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -18,6 +18,7 @@ from galr.errors import InputError
 from galr.preprocess.local_inputs import check_local_source
 from galr.runtime.index.gallery import GalleryIndex
 from galr.runtime.index.records import ImageRecord
+from galr.runtime.index.searchers import resolve_searcher_kind
 from galr.runtime.index.vectors import (
     checked_storage,
     checked_vectors,
@@ -194,7 +195,8 @@ def encode_image_files(encoders: Any, image_paths: Sequence[str | os.PathLike], 
 
 
 def build_index(encoders: Any, image_paths: Sequence[str | os.PathLike], local: Any = None, batch_size: int = 32,
-                storage: str = "fp32", progress: bool = True, root: str | os.PathLike | None = None
+                storage: str = "fp32", progress: bool = True, root: str | os.PathLike | None = None,
+                searcher: str = "auto", searcher_params: Mapping[str, Any] | None = None
                 ) -> tuple[GalleryIndex, list[SkippedImage]]:
     """Encode image files into a new index.
 
@@ -206,6 +208,9 @@ def build_index(encoders: Any, image_paths: Sequence[str | os.PathLike], local: 
         storage: ``"fp32"`` or ``"fp16"``.
         progress: show a progress bar.
         root: ids are paths relative to this folder (recorded as ``index.image_root``).
+        searcher: the image searcher's kind, or ``"auto"`` (exact up to
+            :data:`~galr.runtime.index.searchers.AUTO_EXACT_LIMIT` images, approximate beyond).
+        searcher_params: the kind's build settings.
 
     Returns:
         ``(index, skipped)``: the index of every readable image, and the images left out with why.
@@ -214,11 +219,13 @@ def build_index(encoders: Any, image_paths: Sequence[str | os.PathLike], local: 
         InputError: see :func:`encode_image_files`; an unknown ``storage``.
     """
     checked_storage(storage)
-    records, embeddings, skipped = encode_image_files(encoders, image_paths, local, batch_size, progress, root)
+    kind = resolve_searcher_kind(searcher, len(image_paths))
     info = getattr(encoders, "info", None)
-    index = GalleryIndex(encoders.model_hash, encoders.embed_dim, storage,
+    index = GalleryIndex(encoders.model_hash, encoders.embed_dim, storage,  # refuses bad settings before encoding
                          built_with=getattr(info, "bundle", None),
-                         image_root=os.path.abspath(root) if root is not None else None)
+                         image_root=os.path.abspath(root) if root is not None else None,
+                         searcher=kind, searcher_params=searcher_params)
+    records, embeddings, skipped = encode_image_files(encoders, image_paths, local, batch_size, progress, root)
     if records:
         index.add(records, embeddings)
     return index, skipped

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -72,14 +72,19 @@ class GalleryIndex:
             (fp16 halves both; scores are always computed in float32).
         built_with: the bundle file that made the embeddings (shown when a model mismatch is refused).
         image_root: the folder image ids are relative to, if any (``galr-index --update`` reuses it).
-        searcher: the image searcher's kind (:data:`~galr.runtime.index.searchers.SEARCHERS`).
+        searcher: the image searcher's kind (:data:`~galr.runtime.index.searchers.SEARCHERS`); the
+            text bank is always searched exactly.
+        searcher_params: that kind's build settings (e.g. ``{"nlist": 4096}`` for ``ivf``).
 
     Raises:
-        InputError: empty ``model_hash``, non-positive ``embed_dim``, unknown ``storage`` or searcher.
+        InputError: empty ``model_hash``, non-positive ``embed_dim``, unknown ``storage``, searcher or
+            searcher settings.
+        UnavailableError: an approximate searcher without FAISS installed.
     """
 
     def __init__(self, model_hash: str, embed_dim: int, storage: str = "fp32", *, built_with: str | None = None,
-                 image_root: str | None = None, searcher: str = DEFAULT_SEARCHER) -> None:
+                 image_root: str | None = None, searcher: str = DEFAULT_SEARCHER,
+                 searcher_params: Mapping[str, Any] | None = None) -> None:
         if not isinstance(model_hash, str) or not model_hash:
             raise InputError(f"model_hash must be a non-empty string, got {model_hash!r}")
         if isinstance(embed_dim, bool) or not isinstance(embed_dim, (int, np.integer)) or embed_dim < 1:
@@ -91,7 +96,7 @@ class GalleryIndex:
         self.image_root = image_root
         self.galr_version = GALR_VERSION
         self.created = self.updated = utc_now()
-        self.images: Searcher = create_searcher(searcher, self._embed_dim, storage)
+        self.images: Searcher = create_searcher(searcher, self._embed_dim, storage, **dict(searcher_params or {}))
         self.text_bank: Searcher = create_searcher(DEFAULT_SEARCHER, self._embed_dim, storage)
         self._records = RecordStore()
         self._bank_texts: list[str] = []
@@ -265,6 +270,25 @@ class GalleryIndex:
         self._bank_texts = self._bank_texts + texts
         self._touch()
 
+    def change_searcher(self, kind: str, **params: Any) -> None:
+        """Move the gallery embeddings into a new image searcher of ``kind`` (keys and order kept).
+
+        From an ``ivfpq`` searcher the moved vectors are its approximations; rebuild from the images
+        for exact ones.
+
+        Raises:
+            InputError: an unknown kind or bad settings.
+            UnavailableError: an approximate kind without FAISS.
+        """
+        searcher = create_searcher(kind, self._embed_dim, self.storage, **params)
+        keys = self.images.keys
+        step = 1 << 16
+        for start in range(0, len(keys), step):
+            part = np.asarray(keys[start:start + step])
+            searcher.add(part, self.images.reconstruct(part))
+        self.images = searcher
+        self._touch()
+
     def bank_text(self, key: int) -> str:
         """The text bank entry with ``key`` (its position in :attr:`text_bank_texts`)."""
         return self._bank_texts[int(key)]
@@ -281,7 +305,8 @@ class GalleryIndex:
             query_embeddings: float ``[q, D]`` query embeddings (unit-norm for cosine scores), e.g.
                 ``encoders.encode_text([...])``.
             k: results per query; capped at the gallery size.
-            **params: the searcher's own settings (exact: ``device``, ``block_rows``).
+            **params: the searcher's own settings (exact: ``device``, ``block_rows``; ``ivf``/``ivfpq``:
+                ``nprobe``; ``hnsw``: ``ef``).
 
         Returns:
             SearchResult with ``[q, min(k, n)]`` scores (float32, descending), keys and ids.
@@ -313,7 +338,7 @@ class GalleryIndex:
                    texts: list[str]) -> "GalleryIndex":
         """An index from what a file holds (used by :func:`~galr.runtime.index.store.load_index`)."""
         index = cls(header["model_hash"], header["embed_dim"], images.storage, built_with=header.get("built_with"),
-                    image_root=header.get("image_root"), searcher=images.kind)
+                    image_root=header.get("image_root"))
         index.images, index.text_bank, index._records, index._bank_texts = images, text_bank, records, texts
         index._next_key = int(header.get("next_key", len(records)))
         index.galr_version = str(header.get("galr_version", ""))

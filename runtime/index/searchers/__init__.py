@@ -30,7 +30,22 @@ from galr.errors import InputError
 #: Searcher kinds: name -> "module:Class". Adding a kind is adding its module and one line here.
 SEARCHERS: dict[str, str] = {
     "exact": "galr.runtime.index.searchers.exact:ExactSearcher",
+    "ivf": "galr.runtime.index.searchers.approximate:IvfSearcher",
+    "ivfpq": "galr.runtime.index.searchers.approximate:IvfPqSearcher",
+    "hnsw": "galr.runtime.index.searchers.approximate:HnswSearcher",
 }
+
+#: ``auto`` picks exact search up to this many images and ``AUTO_APPROXIMATE`` beyond.
+AUTO_EXACT_LIMIT = 250_000
+AUTO_APPROXIMATE = "ivf"
+
+
+def resolve_searcher_kind(kind: str, count: int) -> str:
+    """``kind`` itself, or for ``"auto"`` the kind that suits ``count`` images (see :data:`AUTO_EXACT_LIMIT`)."""
+    if kind != "auto":
+        searcher_class(kind)  # refuses unknown kinds
+        return kind
+    return "exact" if count <= AUTO_EXACT_LIMIT else AUTO_APPROXIMATE
 
 
 @runtime_checkable
@@ -97,8 +112,19 @@ def searcher_class(kind: str) -> type:
 
 
 def create_searcher(kind: str, dim: int, storage: str, **params: Any) -> Searcher:
-    """A new, empty searcher of ``kind``."""
-    return searcher_class(kind)(dim, storage, **params)
+    """A new, empty searcher of ``kind`` with its build settings ``params``.
+
+    Raises:
+        InputError: an unknown kind, or settings the kind does not take.
+    """
+    cls = searcher_class(kind)
+    try:
+        return cls(dim, storage, **params)
+    except TypeError:
+        if not params:
+            raise
+        raise InputError(f"the {kind} searcher takes no settings, got {sorted(params)}") from None
 
 
-__all__ = ["SEARCHERS", "Searcher", "create_searcher", "searcher_class"]
+__all__ = ["AUTO_APPROXIMATE", "AUTO_EXACT_LIMIT", "SEARCHERS", "Searcher", "create_searcher", "resolve_searcher_kind",
+           "searcher_class"]
