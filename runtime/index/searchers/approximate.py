@@ -4,13 +4,15 @@ These searchers keep the :class:`~galr.runtime.index.searchers.Searcher` contrac
 differences a caller should know:
 
 * results are approximate: a true neighbour can be missed (measure recall against
-  :class:`~galr.runtime.index.searchers.exact.ExactSearcher`, as galr-bench does), and ties are not
-  broken by gallery order;
+  :class:`~galr.runtime.index.searchers.exact.ExactSearcher`, as ``bench/approximate.py`` does), and
+  equal scores are listed by key (the order images were first added), not by current gallery order;
 * IVF kinds are trained. Rows added before the searcher is trained wait in memory; the first search,
   save or edit trains the coarse quantiser (and PQ codebooks) on a seeded sample of them
   (``train_size`` rows at most), sizes ``nlist`` from the row count at that moment, then adds them.
-  Rows added later go straight in; an index that grows far beyond its first build is best rebuilt
-  (``galr-index ... --search ivf --overwrite``) so that ``nlist`` fits its size.
+  With ``nlist`` given, training happens as soon as ``train_size`` rows wait, so a large build never
+  holds more than that sample outside the index. Rows added later go straight in; an index that
+  grows far beyond its first build is best rebuilt (``galr-index ... --search ivf --overwrite``) so
+  that ``nlist`` fits its size. HNSW needs no training: its rows go straight into the graph.
 
 What each kind stores (``D`` = embedding size): ``ivf`` every vector (4 D bytes, or 2 D with fp16
 storage, a scalar quantiser), so :meth:`reconstruct` and MR see the exact vectors; ``ivfpq`` ``m``
@@ -74,23 +76,25 @@ class IvfSettings:
     """Build and search settings of the IVF kinds.
 
     Attributes:
-        nlist: coarse clusters; ``None`` picks ``4 sqrt(n)`` capped so each has 39 training rows.
-        nprobe: lists scanned per query by default; ``None`` picks ``max(8, nlist // 16)``.
-        train_size: most rows the quantiser is trained on (a seeded sample).
+        nlist: coarse clusters; ``None`` picks ``sqrt(n)`` (at most ``n / 39``, so each has 39
+            training rows). FAISS suggests 4 to 16 ``sqrt(n)``; ``sqrt(n)`` keeps training affordable
+            on a 2-core box, and ``nprobe`` buys the recall back.
+        nprobe: lists scanned per query by default; ``None`` picks ``max(8, nlist // 32)``.
+        train_size: most rows the quantiser is trained on (a seeded sample); ``None``: ``64 nlist``.
         m: PQ sub-quantisers (``ivfpq`` only); ``None`` picks ``D // 8`` (a divisor of ``D``).
         nbits: bits per PQ code (``ivfpq`` only).
     """
 
     nlist: int | None = None
     nprobe: int | None = None
-    train_size: int = 262144
+    train_size: int | None = None
     m: int | None = None
     nbits: int = 8
 
     def checked(self) -> "IvfSettings":
         _positive(self.nlist, "nlist", optional=True)
         _positive(self.nprobe, "nprobe", optional=True)
-        _positive(self.train_size, "train_size")
+        _positive(self.train_size, "train_size", optional=True)
         _positive(self.m, "m", optional=True)
         _positive(self.nbits, "nbits", upper=16)
         return self
@@ -148,6 +152,11 @@ class ApproximateSearcher:
         return f"{type(self).__name__}({len(self)} x {self.dim}, {self.storage}, {self.settings})"
 
     @property
+    def trained(self) -> bool:
+        """Whether the FAISS structure exists (else added rows wait for training; see the module docstring)."""
+        return self._index is not None
+
+    @property
     def keys(self) -> np.ndarray:
         view = self._keys.view()
         view.flags.writeable = False
@@ -194,11 +203,17 @@ class ApproximateSearcher:
         taken = keys[np.isin(keys, self._keys)].tolist()
         if taken or len(np.unique(keys)) != len(keys):
             raise KeyError(f"keys already present or repeated: {taken[:5] or 'repeated in the call'}")
+        self._keys = np.concatenate([self._keys, keys])
         if self._index is None:
             self._pending.append(vectors)
+            if self._trains_early():
+                self._ready()  # bounded memory for big builds: the rest goes straight into the index
         else:
             self._index.add_with_ids(vectors, keys)
-        self._keys = np.concatenate([self._keys, keys])
+
+    def _trains_early(self) -> bool:
+        """Whether the structure can be built from the waiting rows now (its settings do not depend on the total)."""
+        return False
 
     def _checked_present(self, keys: np.ndarray) -> np.ndarray:
         keys = np.asarray(keys, dtype=np.int64).reshape(-1)
@@ -240,6 +255,9 @@ class ApproximateSearcher:
                 scores[short], keys[short] = self._index.search(queries[short], k, params=fuller)
             else:
                 scores[short], keys[short] = self._exact(queries[short], k)
+        # FAISS returns equal scores in no fixed order: list them by key (the order images were added).
+        order = np.lexsort((keys, -scores), axis=-1)
+        scores, keys = np.take_along_axis(scores, order, 1), np.take_along_axis(keys, order, 1)
         return scores.astype(np.float32, copy=False), keys.astype(np.int64, copy=False)
 
     def _exact(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -330,13 +348,18 @@ class IvfSearcher(ApproximateSearcher):
     def _nlist(self, rows: int) -> int:
         if self.settings.nlist is not None:
             return self.settings.nlist
-        return max(1, min(int(4 * math.sqrt(max(rows, 1))), rows // 39))
+        return max(1, min(int(math.sqrt(max(rows, 1))), rows // 39))
+
+    def _trains_early(self) -> bool:
+        nlist = self.settings.nlist
+        return nlist is not None and sum(map(len, self._pending)) >= (self.settings.train_size or 64 * nlist)
 
     def _new_index(self, rows: int) -> Any:
         faiss = self._faiss
         nlist = self._nlist(rows)
         self.settings = replace(self.settings, nlist=nlist,
-                                nprobe=self.settings.nprobe or max(1, min(nlist, max(8, nlist // 16))))
+                                nprobe=self.settings.nprobe or max(1, min(nlist, max(8, nlist // 32))),
+                                train_size=self.settings.train_size or 64 * nlist)
         index = self._new_ivf(faiss.IndexFlatIP(self.dim), nlist)
         index.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct and remove by key
         # FAISS warns on stderr when clusters get fewer than 39 training rows; small galleries are
@@ -420,6 +443,9 @@ class HnswSearcher(ApproximateSearcher):
 
     kind = "hnsw"
     _settings_class = HnswSettings
+
+    def _trains_early(self) -> bool:
+        return True  # nothing to train: rows go straight into the graph
 
     def _new_index(self, rows: int) -> Any:
         faiss = self._faiss
