@@ -67,6 +67,10 @@ class QueryResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def truncated(self, top_k: int) -> "QueryResult":
+        """The same result with its first ``top_k`` hits (a shorter search gives exactly these)."""
+        return QueryResult(self.query, self.hits[:top_k], self.reranked, self.timings_ms)
+
 
 def _order_with_rerank(values: np.ndarray, bank_values: np.ndarray, config: RerankConfig,
                        top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -208,6 +212,31 @@ class Retriever:
         captions = _Side(index.text_bank, index.images, index.bank_text, lambda key: {"text": index.bank_text(key)})
         return self._search(images, labels, labels, lambda part, _: self.encoders.encode_images(part, local=local),
                             captions, top_k, rerank, block=block)
+
+    def search_embeddings(self, embeddings: np.ndarray, labels: Sequence[str], *, target: str = "images",
+                          top_k: int = 10, rerank: bool = True) -> list[QueryResult]:
+        """Search with query embeddings made elsewhere (e.g. once for several searches).
+
+        Args:
+            embeddings: float32 ``[q, D]`` unit-norm query embeddings from this retriever's encoders:
+                text embeddings for ``target="images"``, image embeddings for ``target="captions"``.
+            labels: what each result says it answered.
+            target: ``"images"`` (the gallery, MR over the text bank) or ``"captions"`` (the text
+                bank, MR over the gallery).
+        """
+        index = self.index
+        if target == "images":
+            side = _Side(index.images, index.text_bank, lambda key: index.record(key).id,
+                         lambda key: index.record(key).to_dict(), self.search_params)
+        elif target == "captions":
+            if not self.has_text_bank:
+                raise InputError("searching captions needs a text bank: build the index with `galr-index --text-bank`")
+            side = _Side(index.text_bank, index.images, index.bank_text, lambda key: {"text": index.bank_text(key)})
+        else:
+            raise InputError(f"target must be 'images' or 'captions', got {target!r}")
+        labels = list(labels)
+        return self._search(np.asarray(embeddings, np.float32), labels, labels, lambda block, _: block, side, top_k,
+                            rerank)
 
     def _block_size(self, bank_rows: int, depth: int) -> int:
         return max(1, min(MAX_BLOCK_QUERIES, BLOCK_ELEMENTS // max(1, bank_rows * depth)))

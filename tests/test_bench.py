@@ -101,7 +101,7 @@ def test_mr_matches_the_original_and_reports_its_speedup(quick_run):
     for row in section["rows"]:
         assert row["equal"] and row["max_abs_diff"] <= section["tolerance"]
         assert row["speedup"] == pytest.approx(row["reference_s"] / row["batched_s"]["median"])
-        assert row["goal_met"] == (row["speedup"] >= row["speedup_goal"])
+        assert "goal_met" not in row  # the goal is the whole MR step per size (issue 16's decision)
     assert mr_mismatches(quick_run[2]) == []
     by_size = {}
     for row in section["rows"]:

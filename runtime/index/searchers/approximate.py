@@ -166,6 +166,14 @@ class ApproximateSearcher:
     def _new_index(self, rows: int) -> Any:
         raise NotImplementedError
 
+    #: The search settings the kind takes (``search(..., **params)``).
+    _search_names: ClassVar[frozenset[str]] = frozenset()
+
+    def _check_search_names(self, params: Mapping[str, Any]) -> None:
+        unknown = sorted(set(params) - self._search_names)
+        if unknown:
+            raise InputError(f"the {self.kind} searcher takes {sorted(self._search_names)}, not {unknown}")
+
     def _search_parameters(self, params: Mapping[str, Any], k: int) -> Any:
         raise NotImplementedError
 
@@ -244,9 +252,10 @@ class ApproximateSearcher:
             raise InputError(f"device must be one of {SEARCH_DEVICES}, got {device!r}")
         k = min(int(k), len(self))
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        search_params = self._search_parameters(params, k)
         if k == 0:
+            self._check_search_names(params)
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        search_params = self._search_parameters(params, k)
         scores, keys = self._ready().search(queries, k, params=search_params)
         short = np.nonzero((keys < 0).any(axis=1))[0]
         if len(short):  # a probe found fewer than k rows: answer those queries exhaustively
@@ -294,23 +303,28 @@ class ApproximateSearcher:
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, writer: ContainerWriter, prefix: str) -> dict[str, Any]:
-        blob = self._faiss.serialize_index(self._ready())
         writer.write_array(prefix + KEYS_MEMBER, self.keys)
-        writer.write_array(prefix + FAISS_MEMBER, blob)
-        return {"settings": asdict(self.settings), "faiss_bytes": int(blob.size),
-                "faiss_version": str(self._faiss.__version__)}
+        params = {"settings": asdict(self.settings), "faiss_bytes": 0, "faiss_version": str(self._faiss.__version__)}
+        if len(self) or self.trained:  # an empty, untrained searcher has no structure yet: keys only
+            blob = self._faiss.serialize_index(self._ready())
+            writer.write_array(prefix + FAISS_MEMBER, blob)
+            params["faiss_bytes"] = int(blob.size)
+        return params
 
     @classmethod
     def load(cls, reader: ContainerReader, entries: Mapping[str, Any], prefix: str, *, dim: int, storage: str,
              count: int, params: Mapping[str, Any]) -> "ApproximateSearcher":
         settings, size = params.get("settings"), params.get("faiss_bytes")
-        if not isinstance(settings, dict) or isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if not isinstance(settings, dict) or isinstance(size, bool) or not isinstance(size, int) or size < 0 or \
+                (size == 0 and count > 0):
             raise reader.damaged(f"the {cls.kind} searcher's header entry lacks its settings or size")
         try:
             searcher = cls(dim, storage, **settings)
         except InputError as exc:
             raise reader.damaged(f"the {cls.kind} searcher's settings are invalid ({exc})") from None
         keys = reader.read_array(prefix + KEYS_MEMBER, entries[prefix + KEYS_MEMBER], np.int64, (count,))
+        if size == 0:
+            return searcher  # saved empty and untrained
         blob = reader.read_array(prefix + FAISS_MEMBER, entries[prefix + FAISS_MEMBER], np.uint8, (size,))
         try:
             index = searcher._faiss.deserialize_index(blob)
@@ -344,6 +358,7 @@ class IvfSearcher(ApproximateSearcher):
 
     kind = "ivf"
     _settings_class = IvfSettings
+    _search_names = frozenset({"nprobe"})
 
     def _nlist(self, rows: int) -> int:
         if self.settings.nlist is not None:
@@ -377,9 +392,7 @@ class IvfSearcher(ApproximateSearcher):
         return faiss.IndexIVFFlat(quantiser, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
 
     def _search_parameters(self, params: Mapping[str, Any], k: int) -> Any:
-        unknown = sorted(set(params) - {"nprobe"})
-        if unknown:
-            raise InputError(f"the {self.kind} searcher takes nprobe, not {unknown}")
+        self._check_search_names(params)
         index = self._ready()
         nprobe = params.get("nprobe")
         nprobe = self.settings.nprobe if nprobe is None else _positive(nprobe, "nprobe", upper=index.nlist)
@@ -443,6 +456,7 @@ class HnswSearcher(ApproximateSearcher):
 
     kind = "hnsw"
     _settings_class = HnswSettings
+    _search_names = frozenset({"ef"})
 
     def _trains_early(self) -> bool:
         return True  # nothing to train: rows go straight into the graph
@@ -458,9 +472,7 @@ class HnswSearcher(ApproximateSearcher):
         return faiss.IndexIDMap2(graph)  # FAISS's wrapper keeps ``graph`` alive with the map
 
     def _search_parameters(self, params: Mapping[str, Any], k: int) -> Any:
-        unknown = sorted(set(params) - {"ef"})
-        if unknown:
-            raise InputError(f"the hnsw searcher takes ef, not {unknown}")
+        self._check_search_names(params)
         ef = params.get("ef")
         ef = self.settings.ef if ef is None else _positive(ef, "ef", upper=MAX_EF)
         return self._faiss.SearchParametersHNSW(efSearch=max(int(ef), k))

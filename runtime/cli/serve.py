@@ -1,0 +1,92 @@
+"""``galr-serve``: the HTTP service over a bundle and a gallery index (torch-free).
+
+The command checks its settings, builds the application (:mod:`galr.runtime.serve`) and runs it
+under uvicorn; everything else is in the application.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import click
+
+from galr import paths
+from galr.console import GalrCommand
+from galr.errors import InputError, NotFoundError, UnavailableError
+from galr.runtime.backends.registry import AUTO, REQUESTABLE_DEVICES, backend_names
+
+_EPILOG = """\b
+Examples:
+  galr-serve --engine galr.plan --index gallery.gidx            # http://127.0.0.1:8000/
+  curl -s localhost:8000/v1/search/text -H 'Content-Type: application/json' \\
+       -d '{"queries": ["two planes next to the runway"], "top_k": 5}'
+  kill -HUP <pid>        # after `galr-index --update` on the served index: swap it in
+"""
+
+
+def _api_key(path: Path | None) -> str | None:
+    from galr.runtime.serve import ServeSettings
+
+    if path is None:
+        return ServeSettings.key_from_environment()
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: no such API key file") from None
+    if not key:
+        raise InputError(f"{path} is empty; put the API key on its first line")
+    return key
+
+
+@click.command("galr-serve", cls=GalrCommand, epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--engine", "bundle", type=click.Path(path_type=Path), default=paths.DEFAULT_BUNDLE, show_default=True,
+              help="The galr.plan bundle.")
+@click.option("--index", "index_path", type=click.Path(path_type=Path), default=paths.DEFAULT_INDEX, show_default=True,
+              help="The gallery index to serve (SIGHUP or POST /v1/admin/reload re-reads it).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback needs an API key.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--api-key-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="File whose first line is the bearer API key  [default: $GALR_API_KEY, else none]")
+@click.option("--backend", type=click.Choice([AUTO, *backend_names()]), default=AUTO, show_default=True)
+@click.option("--device", type=click.Choice(list(REQUESTABLE_DEVICES)), default=AUTO, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Queries gathered into one encoder call at most.")
+@click.option("--max-wait-ms", type=click.FloatRange(0, 1000), default=5.0, show_default=True,
+              help="How long a request may wait for others to join its batch.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Queries waiting at most; beyond, requests get 503 with Retry-After.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds before a request gets 504.")
+@click.option("--cors-origin", "cors_origins", multiple=True, help="Allow this browser origin (repeat); none by default.")
+def main(bundle: Path, index_path: Path, host: str, port: int, api_key_file: Path | None, backend: str, device: str,
+         precision: str, max_batch: int, max_wait_ms: float, max_queue: int, timeout_s: float,
+         cors_origins: tuple[str, ...]) -> None:
+    """Serve text and image search over HTTP (JSON API under /v1, search page at /, OpenAPI at /docs)."""
+    try:
+        import uvicorn
+
+        from galr.runtime.serve import ServeSettings, create_app
+    except ImportError as exc:
+        raise UnavailableError(f"galr-serve needs the serve extra: pip install 'galr[serve]' ({exc})") from None
+    for path, what in ((bundle, "bundle"), (index_path, "index")):
+        if not path.is_file():
+            raise NotFoundError(f"{what} not found: {path}")
+    settings = ServeSettings(bundle=bundle, index=index_path, host=host, port=port, api_key=_api_key(api_key_file),
+                             backend=backend, device=device, precision=precision, max_batch_queries=max_batch,
+                             max_wait_ms=max_wait_ms, max_queued_queries=max_queue, request_timeout_s=timeout_s,
+                             cors_origins=cors_origins)
+    from galr.preprocess.drea import NoDetectionsWarning
+
+    # Uploaded images come without detections: the fallback is documented, not worth a line per request.
+    warnings.filterwarnings("ignore", category=NoDetectionsWarning)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    click.echo(f"galr-serve: http://{host}:{port}/ (API under /v1, OpenAPI at /docs)")
+    uvicorn.run(create_app(settings, reload_on_sighup=True), host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=10)
+
+
+__all__ = ["main"]

@@ -1,0 +1,386 @@
+"""The galr HTTP service: a FastAPI application over one bundle and one gallery index.
+
+>>> from galr.runtime.serve import ServeSettings, create_app       # doctest: +SKIP
+>>> app = create_app(ServeSettings(bundle="galr.plan", index="gallery.gidx"))
+>>> # uvicorn.run(app, host="127.0.0.1", port=8000)  -- or the `galr-serve` command
+
+Routes (JSON unless said; OpenAPI at ``/docs``):
+
+=============================  ===============================================================
+``GET /healthz``               alive (answers while the engine loads)
+``GET /readyz``                200 once the engine and index are loaded and warmed up, else 503
+``GET /metrics``               Prometheus text: requests and latency per route, batch sizes,
+                               queue depth, errors
+``GET /v1/info``               model, backend, index size and kind, limits
+``POST /v1/search/text``       ``{"queries": [...], "top_k": 10, "rerank": true}`` -> results
+``POST /v1/search/image``      an uploaded image -> nearest captions of the text bank and
+                               nearest gallery images
+``POST /v1/embed/text``        ``{"texts": [...]}`` -> float32 embeddings
+``POST /v1/embed/image``       an uploaded image -> its embedding
+``GET /v1/thumbnail?id=ID``    a JPEG thumbnail of an indexed image (by index id only)
+``POST /v1/admin/reload``      re-read the index file (needs the API key)
+``GET /``                      the search page
+=============================  ===============================================================
+
+Errors are the house taxonomy (:mod:`galr.errors`) mapped to HTTP statuses, with a JSON body
+``{"error": {"type": ..., "message": ...}}``; a full queue answers 503 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import logging
+import os
+import threading
+import time
+import warnings
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, Field
+
+from galr.config import RerankConfig
+from galr.errors import BusyError, GalrError, InputError, NotFoundError, UnavailableError
+from galr.runtime.serve.batching import QueryBatcher
+from galr.runtime.serve.page import search_page
+from galr.runtime.serve.settings import ServeSettings
+
+log = logging.getLogger("galr.serve")
+
+
+class TextSearchRequest(BaseModel):
+    queries: list[str] = Field(description="Text queries, answered in order.")
+    top_k: int = Field(10, ge=1, description="Results per query.")
+    rerank: bool = Field(True, description="Multivariate rerank (needs the index's text bank).")
+    nprobe: int | None = Field(None, ge=1, description="ivf/ivfpq indexes: lists scanned per query.")
+    ef: int | None = Field(None, ge=1, description="hnsw indexes: search beam width.")
+
+
+class EmbedTextRequest(BaseModel):
+    texts: list[str] = Field(description="Texts to embed.")
+
+
+class Metrics:
+    """The service's Prometheus metrics, in a registry of its own (no process-wide state)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("galr_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("galr_request_seconds", "Request latency by route", ["route"],
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10),
+                                 registry=self.registry)
+        self.batch = Histogram("galr_batch_queries", "Queries per encoder batch",
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.queue = Gauge("galr_queued_queries", "Queries waiting or being computed", registry=self.registry)
+        self.errors = Counter("galr_errors", "Error responses by error type", ["type"], registry=self.registry)
+
+
+class Service:
+    """The loaded engine and index, swapped atomically on reload."""
+
+    def __init__(self, settings: ServeSettings, encoders: Any = None) -> None:
+        self.settings = settings
+        self.encoders = encoders
+        self.retriever: Any = None
+        self.ready = False
+        self.failure: str | None = None
+        self._reload_lock = threading.Lock()
+
+    def load(self) -> None:
+        """Load the engine (unless given) and the index, then warm up (blocking)."""
+        from galr.runtime.encoders import load_engine
+        from galr.runtime.index import load_index
+        from galr.runtime.retriever import Retriever
+
+        try:
+            if self.encoders is None:
+                self.encoders = load_engine(self.settings.bundle, backend=self.settings.backend,
+                                            device=self.settings.device, precision=self.settings.precision)
+            index = load_index(self.settings.index, expected_model_hash=self.encoders.model_hash)
+            self.retriever = Retriever(self.encoders, index, RerankConfig(), device=self.settings.device)
+            if self.settings.warmup:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the warm-up words may not be in the vocabulary
+                    self.encoders.encode_text(["warm up"])
+            self.ready = True
+        except Exception as exc:  # reported by /readyz; the process keeps answering /healthz
+            self.failure = str(exc)
+            log.error("galr-serve could not load: %s", exc)
+
+    def reload(self) -> dict[str, Any]:
+        """Read the index file again and swap it in; a bad file is refused and the old one keeps serving."""
+        from galr.runtime.index import load_index
+        from galr.runtime.retriever import Retriever
+
+        if not self.ready:
+            raise UnavailableError("the service is not ready yet; reload after /readyz answers 200")
+        with self._reload_lock:
+            index = load_index(self.settings.index, expected_model_hash=self.encoders.model_hash)
+            self.retriever = Retriever(self.encoders, index, RerankConfig(), device=self.settings.device)
+        return {"images": len(index), "text_bank": len(index.text_bank_texts), "search": index.images.kind}
+
+    def search_text(self, queries: list[str], top_k: int, rerank: bool, search: dict[str, int]) -> list[Any]:
+        retriever = self.retriever  # one index for the whole batch, even if a reload swaps it meanwhile
+        retriever = type(retriever)(retriever.encoders, retriever.index, retriever.rerank_config, retriever.device,
+                                    search)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unknown-word and MR notices travel in the results
+            return retriever.search_text(queries, top_k=top_k, rerank=rerank)
+
+
+def _error_response(metrics: Metrics, status: int, kind: str, message: str,
+                    headers: dict[str, str] | None = None) -> JSONResponse:
+    metrics.errors.labels(kind).inc()
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+
+def create_app(settings: ServeSettings, *, encoders: Any = None, reload_on_sighup: bool = False) -> FastAPI:
+    """The FastAPI application (see the module docstring).
+
+    Args:
+        settings: files, limits and batching.
+        encoders: already loaded :class:`~galr.runtime.encoders.Encoders` (else loaded from the bundle).
+        reload_on_sighup: re-read the index when the process gets SIGHUP (``galr-serve`` sets it).
+    """
+    service = Service(settings, encoders)
+    metrics = Metrics()
+    batcher = QueryBatcher(service.search_text, max_batch_queries=settings.max_batch_queries,
+                           max_wait_ms=settings.max_wait_ms, max_queued_queries=settings.max_queued_queries,
+                           on_batch=metrics.batch.observe)
+    metrics.queue.set_function(lambda: batcher.queued_queries)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        loading = loop.run_in_executor(None, service.load)  # /healthz answers meanwhile
+        if reload_on_sighup:
+            import signal
+
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, _reload_logged))
+        yield
+        await loading
+        await batcher.stop()
+        if service.encoders is not None and encoders is None:
+            service.encoders.close()
+
+    def _reload_logged() -> None:
+        try:
+            log.info("reloaded %s: %s", settings.index, service.reload())
+        except Exception as exc:  # the old index keeps serving
+            log.error("reload of %s refused, still serving the previous index: %s", settings.index, exc)
+
+    app = FastAPI(title="galr", version="1", lifespan=lifespan,
+                  description="GaLR remote-sensing text-image retrieval (text and image search, embeddings).")
+    app.state.service, app.state.batcher, app.state.metrics = service, batcher, metrics
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    @app.middleware("http")
+    async def limits_and_metrics(request: Request, call_next):
+        began = time.perf_counter()
+        length = request.headers.get("content-length")
+        if request.method == "POST":
+            if length is None and "transfer-encoding" in request.headers:  # a streamed body of unknown size
+                response = _error_response(metrics, 411, "LengthRequired", "send the body with a Content-Length")
+            elif length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+                response = _error_response(metrics, 413, "PayloadTooLarge",
+                                           f"the body may hold at most {settings.max_body_bytes} bytes")
+            else:
+                response = await call_next(request)
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        metrics.requests.labels(name, str(response.status_code)).inc()
+        metrics.latency.labels(name).observe(time.perf_counter() - began)
+        return response
+
+    @app.exception_handler(GalrError)
+    async def galr_error(_: Request, exc: GalrError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if isinstance(exc, BusyError) else None
+        return _error_response(metrics, exc.http_status, type(exc).__name__, str(exc), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        return _error_response(metrics, 400, "InvalidRequest", problems or "invalid request")
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return _error_response(metrics, 500, type(exc).__name__, "internal error; see the service log")
+
+    def authorised(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+            raise _Unauthorised("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+    def ready() -> Service:
+        if not service.ready:
+            raise UnavailableError(f"not ready: {service.failure or 'loading the engine and index'}")
+        return service
+
+    def checked_queries(queries: list[str], *, what: str = "queries") -> list[str]:
+        if not queries:
+            raise InputError(f"{what} is empty; send at least one")
+        if len(queries) > settings.max_queries:
+            raise InputError(f"{len(queries)} {what}; one request may hold at most {settings.max_queries}")
+        for number, query in enumerate(queries):
+            if len(query) > settings.max_query_chars:
+                raise InputError(f"{what}[{number}] has {len(query)} characters; at most {settings.max_query_chars}")
+            problem = service.encoders.query_problem(query)
+            if problem is not None:
+                raise InputError(f"{what}[{number}] {problem}")
+        return queries
+
+    async def timed(awaitable: Any) -> Any:
+        try:
+            return await asyncio.wait_for(awaitable, settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise _Timeout(f"not answered within {settings.request_timeout_s:g} s") from None
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz() -> dict[str, Any]:
+        ready()
+        return {"status": "ready", "images": len(service.retriever.index)}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return search_page(needs_key=settings.api_key is not None)
+
+    @app.get("/v1/info", dependencies=[Depends(authorised)])
+    async def info() -> dict[str, Any]:
+        svc = ready()
+        index = svc.retriever.index
+        return {"engine": svc.encoders.info.describe(), "model_hash": svc.encoders.model_hash,
+                "images": len(index), "text_bank": len(index.text_bank_texts), "search": index.images.kind,
+                "embed_dim": index.embed_dim,
+                "limits": {"max_queries": settings.max_queries, "max_query_chars": settings.max_query_chars,
+                           "max_top_k": settings.max_top_k, "max_body_bytes": settings.max_body_bytes}}
+
+    @app.post("/v1/search/text", dependencies=[Depends(authorised)])
+    async def search_text(body: TextSearchRequest) -> dict[str, Any]:
+        ready()
+        if body.top_k > settings.max_top_k:
+            raise InputError(f"top_k is {body.top_k}; at most {settings.max_top_k}")
+        queries = checked_queries(body.queries)
+        search = {name: value for name, value in (("nprobe", body.nprobe), ("ef", body.ef)) if value is not None}
+        results = await timed(batcher.search(queries, body.top_k, body.rerank, search))
+        return {"results": [result.to_dict() for result in results]}
+
+    @app.post("/v1/embed/text", dependencies=[Depends(authorised)])
+    async def embed_text(body: EmbedTextRequest) -> dict[str, Any]:
+        svc = ready()
+        texts = checked_queries(body.texts, what="texts")
+        vectors = await timed(batcher.run_blocking(svc.encoders.encode_text, texts))
+        return {"dim": int(vectors.shape[1]), "embeddings": vectors.astype("float32").tolist()}
+
+    async def embed_upload(upload: UploadFile) -> Any:
+        svc = ready()
+        data = await upload.read()
+        if not data:
+            raise InputError(f"the uploaded file {upload.filename!r} is empty")
+        stream = io.BytesIO(data)
+        stream.name = upload.filename or "upload"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no detections for an upload: DREA's documented zero fallback
+            return await timed(batcher.run_blocking(svc.encoders.encode_images, [stream]))
+
+    @app.post("/v1/embed/image", dependencies=[Depends(authorised)])
+    async def embed_image(image: UploadFile = File(...)) -> dict[str, Any]:
+        vector = await embed_upload(image)
+        return {"dim": int(vector.shape[1]), "embedding": vector[0].astype("float32").tolist(),
+                "note": "no detections were given: the local branch used its all-zero fallback"}
+
+    @app.post("/v1/search/image", dependencies=[Depends(authorised)])
+    async def search_image(image: UploadFile = File(...), top_k: int = Form(10, ge=1),
+                           rerank: bool = Form(True)) -> dict[str, Any]:
+        if top_k > settings.max_top_k:
+            raise InputError(f"top_k is {top_k}; at most {settings.max_top_k}")
+        vector = await embed_upload(image)
+        retriever = service.retriever
+        label = [image.filename or "upload"]
+
+        def both() -> dict[str, Any]:
+            images = retriever.search_embeddings(vector, label, target="images", top_k=top_k, rerank=False)
+            captions = (retriever.search_embeddings(vector, label, target="captions", top_k=top_k, rerank=rerank)
+                        if retriever.has_text_bank else [])
+            return {"images": images[0].to_dict()["hits"],
+                    "captions": captions[0].to_dict()["hits"] if captions else [],
+                    "reranked": bool(captions and captions[0].reranked)}
+
+        return await timed(batcher.run_blocking(both))
+
+    @app.get("/v1/thumbnail", dependencies=[Depends(authorised)])
+    async def thumbnail(id: str = Query(..., description="an image id of the index")) -> Response:
+        svc = ready()
+        from galr.runtime.index import UnknownIdError
+
+        try:
+            record = svc.retriever.index.get(id)
+        except UnknownIdError:
+            raise NotFoundError(f"no image with id {id!r} in the index") from None
+
+        def render() -> bytes:
+            from galr.preprocess.image import load_image
+
+            if not os.path.isfile(record.path):
+                raise NotFoundError(f"image {id!r} is indexed but its file is no longer on the server")
+            picture = load_image(record.path, svc.encoders.spec.image)
+            picture.thumbnail((256, 256))
+            out = io.BytesIO()
+            picture.save(out, format="JPEG", quality=85)
+            return out.getvalue()
+
+        return Response(await timed(batcher.run_blocking(render)), media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=300"})
+
+    @app.post("/v1/admin/reload", dependencies=[Depends(authorised)])
+    async def reload_index() -> dict[str, Any]:
+        if settings.api_key is None:
+            raise _Forbidden("the reload route needs an API key (start galr-serve with one), or send SIGHUP")
+        return {"reloaded": await asyncio.get_running_loop().run_in_executor(None, service.reload)}
+
+    return app
+
+
+class _Unauthorised(GalrError):
+    """No or a wrong API key (HTTP only)."""
+
+    http_status = 401
+
+
+class _Forbidden(GalrError):
+    """A route this service was not configured for (HTTP only)."""
+
+    http_status = 403
+
+
+class _Timeout(GalrError):
+    """A request not answered within the request timeout (HTTP only)."""
+
+    http_status = 504
+
+
+__all__ = ["Service", "create_app"]

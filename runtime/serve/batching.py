@@ -1,0 +1,164 @@
+"""Dynamic batching: concurrent text searches gathered into one encoder call, off the event loop.
+
+A request's queries wait in a queue; the worker takes the oldest request, waits at most
+``max_wait_ms`` for more to arrive (or until ``max_batch_queries`` queries are waiting), and
+answers the gathered requests with one :meth:`Retriever.search_text` call per search setting
+(MR on/off, nprobe/ef), in a worker thread. Results are cut back to each request's ``top_k``: a
+shorter list is a prefix of a longer one, with MR too (MR reranks the same candidates; see
+:mod:`galr.runtime.retriever`). The queue is bounded: past ``max_queued_queries`` a request is
+refused at once (:class:`~galr.errors.BusyError`, HTTP 503) instead of growing memory. A request
+whose client went away is dropped before it is computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from galr.errors import BusyError
+
+
+@dataclass
+class _Request:
+    queries: list[str]
+    top_k: int
+    rerank: bool
+    search: tuple[tuple[str, int], ...]
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+#: ``run(queries, top_k, rerank, search_params) -> results`` in query order (a blocking call).
+RunBatch = Callable[[list[str], int, bool, dict[str, int]], list[Any]]
+
+
+class QueryBatcher:
+    """Gathers text searches into batches (see the module docstring).
+
+    Args:
+        run: the blocking search over a batch (runs in one worker thread).
+        max_batch_queries: queries per encoder call at most (a larger request runs alone).
+        max_wait_ms: the longest the oldest request waits for company.
+        max_queued_queries: queries waiting or running at most.
+        on_batch: called with each batch's query count (metrics).
+    """
+
+    def __init__(self, run: RunBatch, *, max_batch_queries: int, max_wait_ms: float, max_queued_queries: int,
+                 on_batch: Callable[[int], None] = lambda _: None) -> None:
+        self._run = run
+        self._max_batch, self._max_wait = max_batch_queries, max_wait_ms / 1e3
+        self._max_queued, self._on_batch = max_queued_queries, on_batch
+        self._queue: list[_Request] = []
+        self._queued = 0
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="galr-search")
+
+    @property
+    def queued_queries(self) -> int:
+        """Queries waiting or being computed."""
+        return self._queued
+
+    def start(self) -> None:
+        """Start the worker on the running event loop."""
+        self._arrived = asyncio.Event()
+        self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    def run_blocking(self, function: Callable[..., Any], *args: Any) -> "asyncio.Future[Any]":
+        """Run another blocking call (embeddings, image search) on the same worker thread."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def search(self, queries: Sequence[str], top_k: int, rerank: bool, search: dict[str, int]) -> list[Any]:
+        """The results of ``queries``, computed in a batch with other requests.
+
+        Raises:
+            BusyError: the queue is full (the caller should retry later).
+        """
+        if self._queued + len(queries) > self._max_queued:
+            raise BusyError(f"the service is busy ({self._queued} queries waiting); retry shortly")
+        request = _Request(list(queries), top_k, rerank, tuple(sorted(search.items())),
+                           asyncio.get_running_loop().create_future())
+        self._queue.append(request)
+        self._queued += len(request.queries)
+        self._arrived.set()
+        try:
+            return await request.future
+        finally:
+            if not request.future.done():  # the caller gave up (timeout, disconnect): never computed
+                request.future.cancel()
+
+    def _take(self) -> list[_Request]:
+        """The oldest live requests whose queries fit in one batch (at least one request)."""
+        taken, count = [], 0
+        while self._queue:
+            request = self._queue[0]
+            if request.future.done():  # cancelled while waiting
+                self._queue.pop(0)
+                self._queued -= len(request.queries)
+                continue
+            if taken and count + len(request.queries) > self._max_batch:
+                break
+            taken.append(self._queue.pop(0))
+            count += len(request.queries)
+        return taken
+
+    def _waiting(self) -> int:
+        return sum(len(r.queries) for r in self._queue if not r.future.done())
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            while self._queue:
+                deadline = self._queue[0].arrived + self._max_wait
+                while self._waiting() < self._max_batch and (remaining := deadline - time.perf_counter()) > 0:
+                    try:
+                        await asyncio.wait_for(self._arrived.wait(), remaining)
+                        self._arrived.clear()
+                    except asyncio.TimeoutError:
+                        break
+                batch = self._take()
+                if not batch:
+                    continue
+                groups: dict[tuple[bool, tuple], list[_Request]] = {}
+                for request in batch:
+                    groups.setdefault((request.rerank, request.search), []).append(request)
+                for (rerank, search), members in groups.items():
+                    await self._answer(loop, members, rerank, dict(search))
+
+    async def _answer(self, loop: asyncio.AbstractEventLoop, members: list[_Request], rerank: bool,
+                      search: dict[str, int]) -> None:
+        queries = [query for request in members for query in request.queries]
+        self._on_batch(len(queries))
+        try:
+            results = await loop.run_in_executor(self._executor, self._run, queries,
+                                                 max(r.top_k for r in members), rerank, search)
+        except Exception as exc:  # noqa: BLE001 - handed to each waiting request
+            for request in members:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+        else:
+            start = 0
+            for request in members:
+                part = results[start:start + len(request.queries)]
+                start += len(request.queries)
+                if not request.future.done():
+                    request.future.set_result([result.truncated(request.top_k) for result in part])
+        finally:
+            self._queued -= len(queries)
+
+
+__all__ = ["QueryBatcher"]
