@@ -66,14 +66,17 @@ def _peak_of(code: str, *args: str) -> tuple[int | None, str]:
     return (int(text) if text else None), last
 
 
-def _write_index(bench: Any, folder: Path, settings: BoundsSettings) -> Path:
+def write_random_index(bench: Any, folder: Path, gallery: int, text_bank: int, seed: int) -> Path:
+    """An index for the benchmark bundle: ``gallery`` random unit embeddings and a text bank of
+    ``text_bank`` in-vocabulary captions with random unit embeddings (memory and speed do not
+    depend on their values)."""
     from galr.bench.encoders import synthetic_queries
     from galr.bundle import read_bundle
     from galr.runtime.index import GalleryIndex, ImageRecord
 
     bundle = read_bundle(bench.bundle)
     dim = bundle.config.embed_dim
-    rng = np.random.default_rng(settings.seed)
+    rng = np.random.default_rng(seed)
 
     def unit(rows: int) -> np.ndarray:
         x = rng.standard_normal((rows, dim), dtype=np.float32)
@@ -81,9 +84,9 @@ def _write_index(bench: Any, folder: Path, settings: BoundsSettings) -> Path:
 
     index = GalleryIndex(bundle.model_hash, dim, "fp32")
     index.add([ImageRecord(f"tile_{i:06d}.png", f"/archive/tile_{i:06d}.png", 256, 256)
-               for i in range(settings.gallery)], unit(settings.gallery))
-    captions = synthetic_queries(bench.vocab, settings.text_bank, 8, settings.seed)
-    index.add_text_bank(captions, unit(settings.text_bank))
+               for i in range(gallery)], unit(gallery))
+    captions = synthetic_queries(bench.vocab, text_bank, 8, seed)
+    index.add_text_bank(captions, unit(text_bank))
     return index.save(folder / "bank.gidx")
 
 
@@ -97,7 +100,7 @@ _RUN = textwrap.dedent("""
 def measure_queries(bench: Any, folder: Path, settings: BoundsSettings, log: Log) -> list[dict[str, Any]]:
     from galr.bench.encoders import synthetic_queries
 
-    index = _write_index(bench, folder, settings)
+    index = write_random_index(bench, folder, settings.gallery, settings.text_bank, settings.seed)
     rows = []
     for count in settings.query_counts:
         queries = folder / f"queries_{count}.txt"
@@ -185,4 +188,4 @@ def run_bounds_benchmarks(bench: Any | None, settings: BoundsSettings, log: Log)
     return section
 
 
-__all__ = ["BoundsSettings", "run_bounds_benchmarks"]
+__all__ = ["BoundsSettings", "run_bounds_benchmarks", "write_random_index"]

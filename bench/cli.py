@@ -34,7 +34,7 @@ from galr.console import GalrCommand
 from galr.errors import GateError, InputError, NotFoundError
 
 #: The sections in the order they run (the report orders them its own way).
-SECTIONS: tuple[str, ...] = ("limits", "rerank", "gallery", "encoders", "accuracy", "bounds")
+SECTIONS: tuple[str, ...] = ("limits", "rerank", "gallery", "encoders", "accuracy", "bounds", "serve")
 DEFAULT_OUTPUT = Path("bench/results.json")
 _BLAS_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -123,6 +123,7 @@ def _settings(options: BenchOptions, threads: int) -> dict[str, Any]:
     from galr.bench.harness import TimingSettings
     from galr.bench.limits import PeakSettings
     from galr.bench.rerank import RerankBenchSettings
+    from galr.bench.serve import ServeBenchSettings
     from galr.config import GaLRConfig
 
     seed = options.seed
@@ -133,6 +134,7 @@ def _settings(options: BenchOptions, threads: int) -> dict[str, Any]:
             "rerank": RerankBenchSettings(seed=seed),
             "limits": PeakSettings(),
             "bounds": BoundsSettings(seed=seed),
+            "serve": ServeBenchSettings(seed=seed),
         }
     fast = TimingSettings(warmup=2, repeats=3, min_iterations=2, max_iterations=10, target_seconds=0.05)
     return {
@@ -146,6 +148,7 @@ def _settings(options: BenchOptions, threads: int) -> dict[str, Any]:
         "limits": PeakSettings(matmul_size=512, stream_bytes=32 * 2**20, timing=fast.with_iterations(1, 5)),
         "bounds": BoundsSettings(query_counts=(10, 100), text_bank=300, gallery=100, tiff_side=512, tiff_bands=16,
                                  png_side=1200, png_count=2, seed=seed),
+        "serve": ServeBenchSettings(clients=(1, 4), requests_per_client=5, gallery=500, text_bank=50, seed=seed),
     }
 
 
@@ -195,6 +198,7 @@ def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[st
     from galr.bench.limits import attach_fractions, run_limits
     from galr.bench.report import render_markdown
     from galr.bench.rerank import run_rerank_benchmarks
+    from galr.bench.serve import run_serve_benchmarks
 
     elapsed = harness.stopwatch()
     approximate = _approximate_results(options.approximate) if options.approximate is not None else None
@@ -218,7 +222,7 @@ def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[st
         sections["rerank"] = run_rerank_benchmarks(settings["rerank"], log)
     with tempfile.TemporaryDirectory(prefix="galr-bench-") as scratch:
         bench = None
-        if wanted & {"encoders", "gallery", "bounds"}:
+        if wanted & {"encoders", "gallery", "bounds", "serve"}:
             log("preparing the random-weight benchmark model and its bundle")
             bench = prepare_model(encoder_settings.config, Path(options.work_dir or scratch),
                                   fp16=tensorrt_unavailable_reason() is None,
@@ -229,6 +233,8 @@ def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[st
             sections["encoders"] = run_encoder_benchmarks(bench, encoder_settings, log)
         if "bounds" in wanted:
             sections["bounds"] = run_bounds_benchmarks(bench, settings["bounds"], log)
+        if "serve" in wanted:
+            sections["serve"] = run_serve_benchmarks(bench, settings["serve"], log)
     if "accuracy" in wanted:
         chosen = _accuracy_paths(options)
         sections["accuracy"] = (run_accuracy(*chosen, log) if chosen is not None else harness.not_run(

@@ -39,7 +39,7 @@ from galr.errors import InputError, NotFoundError
 
 SCHEMA_NAME = "galr-bench"
 SCHEMA_VERSION = 1
-SECTION_NAMES: tuple[str, ...] = ("encoders", "gallery", "rerank", "accuracy", "limits", "bounds")
+SECTION_NAMES: tuple[str, ...] = ("encoders", "gallery", "rerank", "accuracy", "limits", "bounds", "serve")
 STATUS_OK = "ok"
 STATUS_NOT_RUN = "not run"
 

@@ -44,7 +44,7 @@ def test_quick_run_writes_every_section(quick_run):
     assert harness.load_results(output) == data
     assert data["mode"] == "quick"
     assert set(data["sections"]) == set(SECTIONS)
-    for name in ("encoders", "gallery", "rerank", "limits", "bounds"):
+    for name in ("encoders", "gallery", "rerank", "limits", "bounds", "serve"):
         assert data["sections"][name]["status"] == "ok", name
     accuracy = data["sections"]["accuracy"]
     assert accuracy["status"] == "not run" and "--checkpoint" in accuracy["reason"]
@@ -127,6 +127,16 @@ def test_gallery_and_limits_sections(quick_run):
     assert limits["peaks"]["matmul_gflops"]["torch"]["median"] > 0
     assert {f["backend"] for f in limits["fractions"]} == {REFERENCE, "onnxruntime-fp32"}
     assert all(f["fraction_of_limit"] > 0 for f in limits["fractions"])
+
+
+def test_serve_section_loads_a_real_service_on_loopback(quick_run):
+    serve = quick_run[2]["sections"]["serve"]
+    assert [row["clients"] for row in serve["rows"]] == [1, 4]
+    for row in serve["rows"]:
+        assert row["errors"] == 0 and row["ok"] == row["requests"] == 5 * row["clients"]
+        assert row["p50_ms"] > 0 and row["mean_batch"] >= 1
+    assert serve["reference_queries_per_s"] > 0
+    assert "## 8. Serving: galr-serve under concurrent clients" in quick_run[1].read_text()
 
 
 def test_bounds_run_each_case_in_its_own_process(quick_run):

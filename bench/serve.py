@@ -1,0 +1,201 @@
+"""Serving: text-search throughput and latency of ``galr-serve`` under concurrent clients, on loopback.
+
+A ``galr-serve`` process is started on 127.0.0.1 (a free port) over the benchmark bundle and an
+index of ``gallery`` random embeddings with a text bank. For each client count, that many threads
+each send ``requests_per_client`` searches of one query (top 10, MR as set), one after the other on
+a kept-alive connection; every request has a timeout and the load stops by itself. Reported per
+client count: queries/s over the wall time, latency p50/p95/p99 and p99/p50, errors, and the mean
+encoder batch the service formed (from its ``/metrics``).
+
+The reference is the text encoder's own throughput at batch ``reference_batch`` in this process
+(``Encoders.encode_text``, no HTTP, no search), measured before the server starts so the two never
+share the cores. Dynamic batching works when the service at many clients gets close to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from galr.bench.harness import STATUS_OK, Log, not_run, stopwatch
+
+
+@dataclass(frozen=True)
+class ServeBenchSettings:
+    """Sizes of the serving benchmark (see the module docstring)."""
+
+    clients: tuple[int, ...] = (1, 8, 32)
+    requests_per_client: int = 40
+    gallery: int = 10_000
+    text_bank: int = 1_000
+    rerank: bool = False
+    reference_batch: int = 32
+    max_wait_ms: float = 5.0
+    timeout_s: float = 30.0
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SERVE = ("import sys; sys.argv = ['galr-serve', *sys.argv[1:]]\n"
+          "from galr.console import galr_serve\ngalr_serve()\n")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def _wait_ready(port: int, process: subprocess.Popen, limit_s: float = 120.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"galr-serve exited with {process.returncode}")
+        try:
+            if _get(port, "/readyz", 1.0)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"galr-serve was not ready within {limit_s:.0f} s")
+
+
+def _batch_stats(port: int) -> tuple[float, float]:
+    """(sum, count) of the service's encoder batch sizes so far."""
+    text = _get(port, "/metrics")[1].decode()
+    values = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith(("galr_batch_queries_sum", "galr_batch_queries_count"))}
+    return values.get("galr_batch_queries_sum", 0.0), values.get("galr_batch_queries_count", 0.0)
+
+
+def _client(port: int, queries: list[str], settings: ServeBenchSettings, latencies: list[float],
+            errors: list[str]) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=settings.timeout_s)
+    try:
+        for query in queries:
+            body = json.dumps({"queries": [query], "top_k": 10, "rerank": settings.rerank})
+            began = time.perf_counter()
+            try:
+                connection.request("POST", "/v1/search/text", body, {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+                if response.status != 200:
+                    errors.append(f"HTTP {response.status}")
+                    continue
+            except OSError as exc:
+                errors.append(str(exc))
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=settings.timeout_s)
+                continue
+            latencies.append((time.perf_counter() - began) * 1e3)
+    finally:
+        connection.close()
+
+
+def measure_clients(port: int, clients: int, queries: list[str], settings: ServeBenchSettings) -> dict[str, Any]:
+    """One load step: ``clients`` threads, ``requests_per_client`` searches each."""
+    before_sum, before_count = _batch_stats(port)
+    latencies: list[float] = []
+    errors: list[str] = []
+    per_client = settings.requests_per_client
+    threads = [threading.Thread(target=_client, args=(port, queries[i * per_client:(i + 1) * per_client], settings,
+                                                      latencies, errors))
+               for i in range(clients)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - began
+    after_sum, after_count = _batch_stats(port)
+    p50, p95, p99 = (float(np.percentile(latencies, q)) if latencies else None for q in (50, 95, 99))
+    return {"clients": clients, "requests": clients * per_client, "ok": len(latencies), "errors": len(errors),
+            "error_examples": sorted(set(errors))[:3], "wall_s": round(wall, 2),
+            "queries_per_s": len(latencies) / wall if wall else None, "p50_ms": p50, "p95_ms": p95, "p99_ms": p99,
+            "p99_over_p50": (p99 / p50) if p50 else None,
+            "mean_batch": ((after_sum - before_sum) / (after_count - before_count)) if after_count > before_count
+            else None}
+
+
+def reference_throughput(bench: Any, queries: list[str], batch: int) -> float:
+    """The text encoder's own queries/s at ``batch`` (median of 5 runs), in this process."""
+    from galr.runtime.encoders import load_engine
+
+    with load_engine(bench.bundle, backend="onnxruntime", device="cpu", precision="fp32") as encoders:
+        block = queries[:batch]
+        encoders.encode_text(block)  # warm-up
+        runs = []
+        for _ in range(5):
+            began = time.perf_counter()
+            encoders.encode_text(block)
+            runs.append(len(block) / (time.perf_counter() - began))
+    return float(np.median(runs))
+
+
+def run_serve_benchmarks(bench: Any | None, settings: ServeBenchSettings, log: Log) -> dict[str, Any]:
+    """The ``serve`` section (needs the benchmark model and the serve extra)."""
+    if bench is None:
+        return not_run("the encoder section's model was not built (encoders not selected)")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        return not_run("the serve extra is not installed (pip install 'galr[serve]')")
+    from galr.bench.bounds import write_random_index
+    from galr.bench.encoders import synthetic_queries
+
+    elapsed = stopwatch()
+    total = max(settings.clients) * settings.requests_per_client
+    queries = synthetic_queries(bench.vocab, max(total, settings.reference_batch), 16, settings.seed)
+    log(f"serve: text encoder alone at batch {settings.reference_batch}")
+    reference = reference_throughput(bench, queries, settings.reference_batch)
+    with tempfile.TemporaryDirectory(prefix="galr-bench-serve-") as work:
+        index = write_random_index(bench, Path(work), settings.gallery, settings.text_bank, settings.seed)
+        port = _free_port()
+        command = [sys.executable, "-c", _SERVE, "--engine", str(bench.bundle), "--index", str(index), "--port",
+                   str(port), "--backend", "onnxruntime", "--device", "cpu", "--precision", "fp32",
+                   "--max-batch", str(settings.reference_batch), "--max-wait-ms", str(settings.max_wait_ms)]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_ready(port, process)
+            rows = []
+            for clients in settings.clients:
+                log(f"serve: {clients} client(s) x {settings.requests_per_client} requests")
+                rows.append(measure_clients(port, clients, queries, settings))
+        except RuntimeError as exc:
+            return not_run(f"{exc}: {(process.stderr.read() if process.poll() is not None else '')[-300:]}")
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    return {"status": STATUS_OK, "settings": settings.to_dict(), "reference_queries_per_s": reference,
+            "rows": rows, "seconds": round(elapsed(), 1)}
+
+
+__all__ = ["ServeBenchSettings", "measure_clients", "run_serve_benchmarks"]
