@@ -236,6 +236,13 @@ def markdown(results: dict[str, Any]) -> str:
                              f"{entry['resident_delta_mb']} | {name} {row[name]} | {row['recall_at_10']} | "
                              f"{row['p50_ms']} | {row['p95_ms']} |")
     lines.append(f"\nPeak resident memory of the run: {results['peak_mb']} MB.")
+    split = results.get("test_split")
+    if split:
+        lines += ["", f"MR on the approximate short list: mR on a test split of {split['images']} images and "
+                  f"{split['captions']} captions (the Retriever's candidate-form MR, recall from each query's top "
+                  f"{split['depth']}){': ' + split['command'] if split.get('command') else ''}", "",
+                  "| searcher | mR | mR with MR |", "|---|---|---|"]
+        lines += [f"| {kind} | {row['mr']} | {row['mr_rerank']} |" for kind, row in split["kinds"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -245,12 +252,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=ApproximateSettings.size)
     parser.add_argument("--queries", type=int, default=ApproximateSettings.queries)
     parser.add_argument("--kinds", default=",".join(ApproximateSettings.kinds))
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="with --dataset: also measure mR with MR per searcher on the dataset's test split")
+    parser.add_argument("--dataset", type=Path, default=None, help="a benchmark folder (e.g. galr-demo/benchmark)")
     parser.add_argument("-o", "--output", type=Path, default=None, help="JSON results")
     parser.add_argument("--markdown", type=Path, default=None, help="the results as a Markdown section")
     args = parser.parse_args(argv)
     settings = ApproximateSettings(size=args.size, queries=args.queries, kinds=tuple(args.kinds.split(",")))
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results = run(args.gallery, settings)
+    if args.bundle is not None and args.dataset is not None:
+        results["test_split"] = mr_on_test_split(args.bundle, args.dataset)
     command = ["python", "-m", "galr.bench.approximate", *(sys.argv[1:] if argv is None else argv)]
     results.update({"started": started, "command": shlex.join(command)})
     if args.output is not None:
@@ -267,3 +279,54 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def mr_on_test_split(bundle: Path, dataset: Path, kinds: Sequence[str] = ("exact", "ivf", "hnsw"),
+                     depth: int = 10, log=print) -> dict[str, Any]:
+    """mR of the Retriever on a dataset's test split, per searcher kind, with and without MR.
+
+    The test images form the gallery (DREA from the dataset's ``detections`` folder when present)
+    and the test captions the text bank; text->image and image->text search run through
+    :meth:`Retriever.search_embeddings` (MR in its candidate form over the searcher's short list).
+    Recall@1/5/10 come from each query's top ``depth``; mR is their mean over both directions.
+    """
+    import warnings
+
+    from galr.data import load_split
+    from galr.retrieval.metrics import RetrievalMetrics
+    from galr.runtime.encoders import load_engine
+    from galr.runtime.index import GalleryIndex, ImageRecord
+    from galr.runtime.retriever import Retriever
+
+    split = load_split(dataset, "test")
+    cpi = split.captions_per_image
+    names = list(dict.fromkeys(split.image_names))
+    detections = Path(dataset) / "detections"
+    with load_engine(bundle, backend="onnxruntime", device="cpu", precision="fp32") as encoders, \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        images = np.concatenate([encoders.encode_images([split.image_dir / n for n in names[i:i + 32]],
+                                                        local=detections if detections.is_dir() else None)
+                                 for i in range(0, len(names), 32)])
+        captions = encoders.encode_text(list(split.captions))
+        rows = {}
+        for kind in kinds:
+            index = GalleryIndex(encoders.model_hash, encoders.embed_dim, searcher=kind)
+            index.add([ImageRecord(name, str(split.image_dir / name), 0, 0) for name in names], images)
+            index.add_text_bank(list(split.captions), captions)
+            retriever = Retriever(encoders, index)
+            row = {}
+            for rerank in (False, True):
+                t2i = retriever.search_embeddings(captions, [str(j) for j in range(len(captions))], target="images",
+                                                  top_k=depth, rerank=rerank)
+                i2t = retriever.search_embeddings(images, names, target="captions", top_k=depth, rerank=rerank)
+                t2i_ranks = np.array([next((r for r, hit in enumerate(result.hits) if hit.id == names[j // cpi]),
+                                           depth) for j, result in enumerate(t2i)])
+                i2t_ranks = np.array([min([r for r, hit in enumerate(result.hits)
+                                           if split.captions.index(hit.id) // cpi == i] or [depth])
+                                      for i, result in enumerate(i2t)])
+                metrics = RetrievalMetrics.from_ranks(i2t_ranks, t2i_ranks)
+                row["mr_rerank" if rerank else "mr"] = round(metrics.mean_recall, 2)
+            rows[kind] = row
+            log(f"{kind}: mR {row['mr']} (MR {row['mr_rerank']})")
+    return {"images": len(names), "captions": len(split.captions), "depth": depth, "kinds": rows}

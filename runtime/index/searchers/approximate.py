@@ -181,8 +181,13 @@ class ApproximateSearcher:
         """Search parameters that find ``k`` rows whenever ``k <= len`` (``None``: use the exact fallback)."""
         return None
 
-    def _check_loaded(self, index: Any) -> None:
+    def _structure_class(self) -> type:
+        """The FAISS class this kind saves (checked when a file is read)."""
         raise NotImplementedError
+
+    def _check_loaded(self, index: Any) -> None:
+        if not isinstance(index, self._structure_class()):
+            raise InputError(f"the .gidx says {self.kind} but its FAISS structure is a {type(index).__name__}")
 
     # -- training -----------------------------------------------------------------------------
     def _ready(self) -> Any:
@@ -401,14 +406,8 @@ class IvfSearcher(ApproximateSearcher):
     def _exhaustive_parameters(self) -> Any:
         return self._faiss.SearchParametersIVF(nprobe=self._index.nlist)
 
-    def _check_loaded(self, index: Any) -> None:
-        faiss = self._faiss
-        expected = faiss.IndexIVFScalarQuantizer if self.storage == "fp16" else self._expected_class()
-        if not isinstance(index, expected):
-            raise InputError(f"the .gidx says {self.kind} but its FAISS structure is a {type(index).__name__}")
-
-    def _expected_class(self) -> type:
-        return self._faiss.IndexIVFFlat
+    def _structure_class(self) -> type:
+        return self._faiss.IndexIVFScalarQuantizer if self.storage == "fp16" else self._faiss.IndexIVFFlat
 
 
 class IvfPqSearcher(IvfSearcher):
@@ -440,9 +439,8 @@ class IvfPqSearcher(IvfSearcher):
                                  f"(2**nbits), got {rows}; use --search ivf or exact for a gallery this small")
         return super()._ready()
 
-    def _check_loaded(self, index: Any) -> None:
-        if not isinstance(index, self._faiss.IndexIVFPQ):
-            raise InputError(f"the .gidx says {self.kind} but its FAISS structure is a {type(index).__name__}")
+    def _structure_class(self) -> type:
+        return self._faiss.IndexIVFPQ
 
 
 class HnswSearcher(ApproximateSearcher):
@@ -494,9 +492,8 @@ class HnswSearcher(ApproximateSearcher):
         kept = ~np.isin(self._keys, keys)
         self._rebuild(self._keys[kept], self.reconstruct(self._keys)[kept])
 
-    def _check_loaded(self, index: Any) -> None:
-        if not isinstance(index, self._faiss.IndexIDMap2):
-            raise InputError(f"the .gidx says hnsw but its FAISS structure is a {type(index).__name__}")
+    def _structure_class(self) -> type:
+        return self._faiss.IndexIDMap2
 
 
 def _positions(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
