@@ -85,6 +85,7 @@ def test_text_search_answers_like_the_retriever(served, deployment):  # noqa: F8
         answer = client.post("/v1/search/text", json={"queries": queries, "top_k": 4, "rerank": rerank}).json()
         got = answer["results"]
         assert [r["query"] for r in got] == queries and all(r["reranked"] == rerank for r in got)
+        assert all("path" not in hit["record"] for result in got for hit in result["hits"])  # no server paths
         if rerank:
             for result, want in zip(got, expected):
                 assert [h["id"] for h in result["hits"]] == [h.id for h in want.hits]
@@ -292,3 +293,62 @@ def test_batcher_drops_requests_whose_caller_gave_up_and_bounds_its_queue():
     kept = asyncio.run(scenario())
     assert [r.query for r in kept] == ["stay", "here"]
     assert calls == [["stay", "here"]]  # the abandoned query was never computed
+
+
+# ---------------------------------------------------------------------------------------------
+# The page, in a real headless browser
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_the_search_page_in_a_headless_browser(deployment, tmp_path):  # noqa: F811
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no Chromium installed (apt-get install chromium) to drive the search page")
+    playwright = pytest.importorskip("playwright.sync_api", reason="the page test drives Chromium with playwright")
+    import socket
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = ServeSettings(bundle=deployment["bundle"], index=deployment["index"], port=port)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, encoders=deployment["engine"]), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.02)
+        upload = tmp_path / "query.png"
+        upload.write_bytes(png_bytes(seed=5))
+        with playwright.sync_playwright() as driver:
+            browser = driver.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.fill("#query", "two white planes on a runway")
+            page.click("#search")
+            page.wait_for_selector(".hit img[src^='blob:']", timeout=20_000)
+            assert page.locator(".hit").count() == 12  # top-k 12 of a 12-image gallery
+            assert "MR on" in page.inner_text("#status")
+            page.screenshot(path=str(tmp_path / "text-search.png"), full_page=True)
+            page.set_input_files("#image", str(upload))
+            page.click("#upload")
+            page.wait_for_selector(".caption", timeout=20_000)
+            assert page.locator(".caption").count() == 12
+            assert all(text.split(". ", 1)[1].rsplit(" (", 1)[0] in deployment["bank"]
+                       for text in page.locator(".caption").all_inner_texts())
+            page.fill("#query", "?!")
+            page.click("#search")
+            page.wait_for_selector("#status .error", timeout=20_000)
+            assert "no words" in page.inner_text("#status")
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -135,6 +135,15 @@ class Service:
             return retriever.search_text(queries, top_k=top_k, rerank=rerank)
 
 
+def _public(result: Any) -> dict[str, Any]:
+    """A result as JSON for clients: records without the server's file paths (ids identify images)."""
+    data = result.to_dict()
+    for hit in data["hits"]:
+        if isinstance(hit.get("record"), dict):
+            hit["record"].pop("path", None)
+    return data
+
+
 def _error_response(metrics: Metrics, status: int, kind: str, message: str,
                     headers: dict[str, str] | None = None) -> JSONResponse:
     metrics.errors.labels(kind).inc()
@@ -287,7 +296,7 @@ def create_app(settings: ServeSettings, *, encoders: Any = None, reload_on_sighu
         queries = checked_queries(body.queries)
         search = {name: value for name, value in (("nprobe", body.nprobe), ("ef", body.ef)) if value is not None}
         results = await timed(batcher.search(queries, body.top_k, body.rerank, search))
-        return {"results": [result.to_dict() for result in results]}
+        return {"results": [_public(result) for result in results]}
 
     @app.post("/v1/embed/text", dependencies=[Depends(authorised)])
     async def embed_text(body: EmbedTextRequest) -> dict[str, Any]:
@@ -326,8 +335,8 @@ def create_app(settings: ServeSettings, *, encoders: Any = None, reload_on_sighu
             images = retriever.search_embeddings(vector, label, target="images", top_k=top_k, rerank=False)
             captions = (retriever.search_embeddings(vector, label, target="captions", top_k=top_k, rerank=rerank)
                         if retriever.has_text_bank else [])
-            return {"images": images[0].to_dict()["hits"],
-                    "captions": captions[0].to_dict()["hits"] if captions else [],
+            return {"images": _public(images[0])["hits"],
+                    "captions": _public(captions[0])["hits"] if captions else [],
                     "reranked": bool(captions and captions[0].reranked)}
 
         return await timed(batcher.run_blocking(both))
