@@ -173,11 +173,8 @@ class Retriever:
         """
         queries = [queries] if isinstance(queries, str) else list(queries)
         labels = list(labels) if labels is not None else [f"query #{i}" for i in range(len(queries))]
-        index = self.index
-        images = _Side(index.images, index.text_bank, lambda key: index.record(key).id,
-                       lambda key: index.record(key).to_dict(), self.search_params)
         return self._search(queries, queries, labels, lambda block, names: self.encoders.encode_text(block, names),
-                            images, top_k, rerank)
+                            self._side("images"), top_k, rerank)
 
     def search_images(self, images: Any, local: Any = None, top_k: int = 10, rerank: bool = True) -> list[QueryResult]:
         """Captions of the index's text bank for each query image, best first (image->text mode).
@@ -193,8 +190,7 @@ class Retriever:
         Raises:
             InputError: the index has no text bank.
         """
-        if not self.has_text_bank:
-            raise InputError("image->text search needs captions: build the index with `galr-index --text-bank FILE`")
+        captions = self._side("captions")
         if isinstance(images, (str, bytes)) or hasattr(images, "__fspath__"):
             images = [images]
         if isinstance(images, np.ndarray):
@@ -208,8 +204,6 @@ class Retriever:
             block = len(labels) or 1
         else:
             block = None
-        index = self.index
-        captions = _Side(index.text_bank, index.images, index.bank_text, lambda key: {"text": index.bank_text(key)})
         return self._search(images, labels, labels, lambda part, _: self.encoders.encode_images(part, local=local),
                             captions, top_k, rerank, block=block)
 
@@ -224,19 +218,23 @@ class Retriever:
             target: ``"images"`` (the gallery, MR over the text bank) or ``"captions"`` (the text
                 bank, MR over the gallery).
         """
-        index = self.index
-        if target == "images":
-            side = _Side(index.images, index.text_bank, lambda key: index.record(key).id,
-                         lambda key: index.record(key).to_dict(), self.search_params)
-        elif target == "captions":
-            if not self.has_text_bank:
-                raise InputError("searching captions needs a text bank: build the index with `galr-index --text-bank`")
-            side = _Side(index.text_bank, index.images, index.bank_text, lambda key: {"text": index.bank_text(key)})
-        else:
-            raise InputError(f"target must be 'images' or 'captions', got {target!r}")
+        side = self._side(target)
         labels = list(labels)
         return self._search(np.asarray(embeddings, np.float32), labels, labels, lambda block, _: block, side, top_k,
                             rerank)
+
+    def _side(self, target: str) -> _Side:
+        """What a query is matched against: the gallery images (MR over the text bank) or the captions."""
+        index = self.index
+        if target == "images":
+            return _Side(index.images, index.text_bank, lambda key: index.record(key).id,
+                         lambda key: index.record(key).to_dict(), self.search_params)
+        if target == "captions":
+            if not self.has_text_bank:
+                raise InputError("image->text search needs captions: build the index with "
+                                 "`galr-index --text-bank FILE`")
+            return _Side(index.text_bank, index.images, index.bank_text, lambda key: {"text": index.bank_text(key)})
+        raise InputError(f"target must be 'images' or 'captions', got {target!r}")
 
     def _block_size(self, bank_rows: int, depth: int) -> int:
         return max(1, min(MAX_BLOCK_QUERIES, BLOCK_ELEMENTS // max(1, bank_rows * depth)))
