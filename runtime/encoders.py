@@ -192,14 +192,18 @@ class Encoders:
                 PIL images or HxWx3 uint8 arrays (preprocessed here exactly as in training).
             local: the DREA input (:mod:`galr.preprocess.local_inputs`): ``(rep, adj)`` arrays, a
                 sequence of :class:`~galr.preprocess.detections.DetectionSet`, a folder of detection
-                files named like the images, an original local-feature table, or ``None`` for the
-                documented no-detection fallback (a warning per image).
+                files named like the images, an original local-feature table, a
+                :class:`~galr.runtime.detector.Detector` (run on each decoded image), or ``None`` for
+                the documented no-detection fallback (a warning per image).
         """
         from galr.preprocess.image import load_image, preprocess_image
         from galr.preprocess.local_inputs import local_inputs
 
         size = self.config.image_size
+        detector = local if hasattr(local, "detect_one") else None
         if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1] == 3:
+            if detector is not None:
+                raise InputError("a detector needs the images themselves, not preprocessed arrays")
             pixels, sizes, names = images.astype(np.float32, copy=False), [(size, size)] * len(images), None
         else:
             images = list(images)
@@ -208,11 +212,16 @@ class Encoders:
             # plus the batch at the model's size, however large the files are.
             pixels = np.zeros((len(images), 3, size, size), np.float32)
             sizes = []
+            found = []
             for row, item in enumerate(images):
                 picture = load_image(item, self.spec.image)
+                if detector is not None:  # on the decoded image, so it is read once
+                    found.append(detector.detect_one(picture, str(names[row] or f"image #{row}")))
                 sizes.append(picture.size)
                 pixels[row] = preprocess_image(picture, self.spec.image)
                 del picture
+            if detector is not None:
+                local = found
         rep, adj = local_inputs(local, len(pixels), names, sizes, self.spec.drea)
         return self.encode_image_arrays(pixels, rep, adj)
 

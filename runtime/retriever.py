@@ -199,7 +199,7 @@ class Retriever:
             images = list(images)
             labels = [str(item) for item in images]
         if not isinstance(local, (type(None), str)) and not hasattr(local, "__fspath__") and \
-                not hasattr(local, "lookup"):
+                not hasattr(local, "lookup") and not hasattr(local, "detect_one"):
             # Per-image DREA inputs must stay with their images: one block.
             block = len(labels) or 1
         else:

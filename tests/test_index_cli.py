@@ -112,7 +112,7 @@ def test_local_file_is_loaded_and_passed_to_the_engine(workspace):
         (None, ["--engine", "missing.plan", "scenes"], "bundle not found: missing.plan"),
         (None, [], "give IMAGES"),
         (None, ["scenes", "--update"], "no index at gallery.gidx"),
-        (None, ["scenes", "--detections", "scenes", "--local", "x.npz"], "not both"),
+        (None, ["scenes", "--detections", "scenes", "--local", "x.npz"], "give one of --detections, --local or --detector"),
         (None, ["nowhere/"], "no such image file or folder"),
         (lambda r: (r / "bad.npz").write_bytes(b"garbage"), ["scenes", "--local", "bad.npz"], "bad.npz"),
         (lambda r: (r / "empty.txt").write_text("# nothing\n\n"), ["scenes", "--text-bank", "empty.txt"], "has no captions"),

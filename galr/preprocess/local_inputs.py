@@ -59,8 +59,8 @@ def check_local_source(source: Any) -> None:
         NotFoundError: a detections folder that does not exist.
         InputError: anything that is not one of the sources in the module docstring.
     """
-    if source is None or hasattr(source, "lookup"):
-        return
+    if source is None or hasattr(source, "lookup") or hasattr(source, "detect_one"):
+        return  # a detector is applied by the encoders, on the decoded images
     if isinstance(source, (str, os.PathLike)):
         if not Path(source).is_dir():
             raise NotFoundError(f"detections folder not found: {source}")

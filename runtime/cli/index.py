@@ -69,10 +69,17 @@ def _image_root(arguments: Sequence[Path], explicit: Path | None, index: Gallery
     return None
 
 
-def _local_input(detections: Path | None, local_file: Path | None, encoders: Any) -> Any:
-    """The DREA source handed to the encoder: a detections folder, a local-feature table or None."""
+def _local_input(detections: Path | None, local_file: Path | None, encoders: Any, detector: Path | None = None) -> Any:
+    """The DREA source handed to the encoder: a detections folder, a local-feature table, a detector or None."""
     if detections is not None:
         return detections
+    if detector is not None:
+        from galr.runtime.detector import load_detector
+
+        loaded = load_detector(detector, drea_classes=encoders.spec.drea.classes)
+        click.echo(f"detector: {detector} ({len(loaded.info.names)} classes, input {loaded.info.imgsz[1]}x"
+                   f"{loaded.info.imgsz[0]}; {sum(label is not None for label in loaded.labels)} map to DREA)")
+        return loaded
     if local_file is None:
         return None
     from galr.preprocess.local_file import load_local_file
@@ -156,6 +163,9 @@ def _size_text(size: int) -> str:
               help="The galr.plan bundle whose image encoder makes the embeddings.")
 @click.option("--detections", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
               help="Folder of detection files named like the images (<stem>.json or <stem>.txt).")
+@click.option("--detector", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="An Ultralytics oriented-box detector ONNX (yolo export ... format=onnx) run on every image "
+                   "for the DREA input.")
 @click.option("--local", "local_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="The authors' precomputed local-feature file (.npy) or a galr .npz.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=paths.DEFAULT_INDEX,
@@ -186,7 +196,8 @@ def _size_text(size: int) -> str:
 @click.option("--lock-timeout", type=click.FloatRange(min=0), default=600, show_default=True,
               help="Seconds to wait while another galr-index writes the same index, then give up (exit 2).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, local_file: Path | None, output: Path,
+def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, detector: Path | None,
+         local_file: Path | None, output: Path,
          storage: str | None, batch_size: int, backend: str, device: str, precision: str, text_bank: Path | None,
          update: bool, remove_ids: tuple[str, ...], root: Path | None, search_kind: str | None,
          search_settings: tuple[str, ...], overwrite: bool, lock_timeout: float, progress: bool) -> None:
@@ -197,8 +208,8 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, local_
     Writers of one index take turns (an OS lock beside it); an existing index is only replaced with
     --overwrite.
     """
-    if detections is not None and local_file is not None:
-        raise click.UsageError("give --detections or --local, not both")
+    if sum(source is not None for source in (detections, local_file, detector)) > 1:
+        raise click.UsageError("give one of --detections, --local or --detector")
     removals = list(remove_ids)
     if removals and not update:
         removals += [argument.as_posix() for argument in images]  # `--remove ID ID ...`
@@ -231,7 +242,7 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, local_
         # From reading the index to replacing it, no other writer may save it: its edits would be lost.
         with exclusive_lock(output, timeout=lock_timeout, on_wait=lambda message: click.echo(message, err=True)):
             _run(encoders, files, unreadable, images, output, storage, batch_size, detections, local_file, captions,
-                 editing, removals, root, search, progress)
+                 editing, removals, root, search, progress, detector)
     finally:
         if encoders is not None:
             encoders.close()
@@ -242,7 +253,7 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, local_
 def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], images: Sequence[Path], output: Path,
          storage: str | None, batch_size: int, detections: Path | None, local_file: Path | None,
          captions: list[str] | None, editing: bool, removals: list[str], root: Path | None, search: "SearchChoice",
-         progress: bool) -> None:
+         progress: bool, detector: Path | None = None) -> None:
     """Load or build the index, apply the edits and save it (the body of :func:`main`)."""
     index = None
     if editing:
@@ -255,7 +266,7 @@ def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], image
             click.echo(f"removed {_count(len(set(removals)), 'image')}")
 
     if files:
-        local = _local_input(detections, local_file, encoders)
+        local = _local_input(detections, local_file, encoders, detector)
         image_root = _image_root(images, root, index)
         if index is None:
             (index, skipped), without = _encode_quietly(build_index, encoders, files, local, batch_size,
@@ -273,7 +284,7 @@ def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], image
         if indexed == 0:
             raise NothingDoneError(f"none of the {len(files)} images could be indexed; nothing written")
         if local is None:
-            click.echo("note: no --detections or --local given, so every image uses the no-detection fallback "
+            click.echo("note: no --detections, --local or --detector given, so every image uses the no-detection fallback "
                        "(all-zero local features)")
         elif without:
             click.echo(f"note: {_count(len(without), 'image')} had no usable detections (all-zero local features)")

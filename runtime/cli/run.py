@@ -6,6 +6,7 @@ import json
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -60,6 +61,8 @@ def _report_warnings(caught: list, lines: list) -> None:
               help="image2text: QUERY_FILE lists image paths, answered with captions of the index's text bank.")
 @click.option("--detections", type=click.Path(path_type=Path), default=None,
               help="image2text: folder of detection files for the query images.")
+@click.option("--detector", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="image2text: an Ultralytics oriented-box detector ONNX run on the query images for DREA.")
 @click.option("--backend", type=click.Choice([AUTO, *backend_names()]), default=AUTO, show_default=True)
 @click.option("--device", type=click.Choice(list(REQUESTABLE_DEVICES)), default=AUTO, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True)
@@ -73,13 +76,15 @@ def _report_warnings(caught: list, lines: list) -> None:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write results as JSON.")
 @click.option("--html", "html_path", type=click.Path(path_type=Path), default=None,
               help="Also write a self-contained HTML contact sheet with thumbnails.")
-def main(query_file, bundle, index_path, top_k, rerank, mode, detections, backend, device, precision, mr_k,
+def main(query_file, bundle, index_path, top_k, rerank, mode, detections, detector, backend, device, precision, mr_k,
          wp1, wp2, nprobe, ef, json_path, html_path) -> None:
     """Search the gallery for every query in QUERY_FILE (one per line) and show the best images."""
     from galr.retrieval.rerank import MIN_CANDIDATES
     from galr.runtime.report.table import format_results
     from galr.runtime.retriever import Retriever
 
+    if detections is not None and detector is not None:
+        raise click.UsageError("give --detections or --detector, not both")
     lines = read_text_lines(query_file, "queries")
     for output in (json_path, html_path):
         if output is not None:
@@ -107,8 +112,12 @@ def main(query_file, bundle, index_path, top_k, rerank, mode, detections, backen
                 results = retriever.search_text([line.text for line in usable], top_k=top_k, rerank=rerank,
                                                 labels=[f"line {line.number}" for line in usable])
             else:
-                results = retriever.search_images([line.text for line in lines],
-                                                  local=str(detections) if detections else None, top_k=top_k,
+                local: Any = str(detections) if detections else None
+                if detector is not None:
+                    from galr.runtime.detector import load_detector
+
+                    local = load_detector(detector, drea_classes=retriever.encoders.spec.drea.classes)
+                results = retriever.search_images([line.text for line in lines], local=local, top_k=top_k,
                                                   rerank=rerank)
         _report_warnings(caught, lines)
         if not results:

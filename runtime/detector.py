@@ -1,0 +1,139 @@
+"""An oriented-box detector run inside galr, so images get real DREA input without other tools.
+
+>>> detector = load_detector("yolo11n-obb.onnx", drea_classes=encoders.spec.drea.classes)   # doctest: +SKIP
+>>> encoders.encode_images(["scene.png"], local=detector)       # detections -> DREA -> the local branch
+
+The detector is an Ultralytics YOLO-OBB ONNX export (``yolo export model=yolo11n-obb.pt
+format=onnx``): its metadata names the classes and the input size, and its output is decoded by
+:mod:`galr.preprocess.obb`. It runs on ONNX Runtime through the same runner as the encoders.
+Detector classes become DREA categories by name (``normalize_label``: ``"storage tank"`` is
+``storage-tank``), or through a class map; classes with no DREA category are dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from galr.errors import NotFoundError
+from galr.preprocess.detections import DetectionSet, normalize_label
+from galr.preprocess.obb import DetectorModelError, ObbModelInfo, decode, letterbox, to_detections
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    """Post-processing settings (Ultralytics' prediction defaults).
+
+    Attributes:
+        conf: a box is kept when its best class score is above this.
+        iou: ProbIoU at or above which Fast-NMS drops the lower-scored box.
+        max_det: boxes per image at most.
+        class_map: detector class name -> DREA category (names are normalised first); classes
+            neither mapped nor named like a DREA category are dropped.
+    """
+
+    conf: float = 0.25
+    iou: float = 0.7
+    max_det: int = 300
+    class_map: Mapping[str, str] = field(default_factory=dict)
+
+
+class Detector:
+    """A loaded OBB detector (see the module docstring); made by :func:`load_detector`."""
+
+    def __init__(self, runner: Any, info: ObbModelInfo, labels: Sequence[str | None], settings: DetectorSettings,
+                 source: str) -> None:
+        self.runner, self.info, self.settings, self.source = runner, info, settings, source
+        self.labels = tuple(labels)  # the DREA category of each detector class, or None (dropped)
+        self._input = next(iter(runner.inputs))
+        self._output = next(iter(runner.outputs))
+
+    def detect_one(self, picture: Any, name: str = "<image>") -> DetectionSet:
+        """The detections of one decoded RGB image (a PIL image), in its own pixels."""
+        pixels, placement = letterbox(picture, self.info.imgsz)
+        output = self.runner.infer({self._input: pixels[None]})[self._output]
+        if output.ndim != 3 or output.shape[0] != 1:
+            raise DetectorModelError(f"{self.source}: output of shape {output.shape}; expected (1, C, N)")
+        settings = self.settings
+        boxes, scores, classes = decode(output[0], len(self.info.names), settings.conf, settings.iou,
+                                        settings.max_det)
+        known = np.array([self.labels[int(c)] is not None for c in classes], dtype=bool)
+        return to_detections(boxes[known], scores[known], classes[known], placement,
+                             tuple(label or "" for label in self.labels), picture.size, f"{self.source}: {name}")
+
+    def detect(self, images: Sequence[Any], config: Any = None) -> list[DetectionSet]:
+        """Detections of image files or PIL images (decoded with the image bounds of ``config``)."""
+        from galr.preprocess.image import load_image
+
+        found = []
+        for item in images:
+            picture = load_image(item, config)
+            found.append(self.detect_one(picture, str(item) if isinstance(item, (str, os.PathLike)) else "<image>"))
+        return found
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def __enter__(self) -> "Detector":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _labels(names: Sequence[str], drea_classes: Sequence[str], class_map: Mapping[str, str], source: str
+            ) -> list[str | None]:
+    known = set(drea_classes)
+    mapped = {normalize_label(k): normalize_label(v) for k, v in class_map.items()}
+    unknown_targets = sorted(set(mapped.values()) - known)
+    if unknown_targets:
+        raise DetectorModelError(f"the class map names {unknown_targets}, which are not DREA categories "
+                                 f"({sorted(known)})")
+    labels = [mapped.get(normalize_label(name), normalize_label(name)) for name in names]
+    labels = [label if label in known else None for label in labels]
+    if not any(labels):
+        raise DetectorModelError(f"none of {source}'s classes {list(names)} is a DREA category ({sorted(known)}); "
+                                 "give a class map (detector class -> DREA category)")
+    return labels
+
+
+def load_detector(path: str | os.PathLike, *, drea_classes: Sequence[str], device: str = "cpu",
+                  settings: DetectorSettings = DetectorSettings()) -> Detector:
+    """Load an Ultralytics OBB detector ONNX for ONNX Runtime on ``device``.
+
+    Raises:
+        NotFoundError: no such file.
+        InputError: not an ONNX model ONNX Runtime can load.
+        DetectorModelError: no Ultralytics metadata, a task other than ``obb``, an output that is not
+            ``(batch, 4 + classes + 1, N)``, or no class that maps to a DREA category.
+    """
+    from galr.runtime.backends.onnxruntime import OnnxRuntimeRunner
+
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"detector not found: {path}")
+    runner = OnnxRuntimeRunner(path, device=device)
+    try:
+        metadata = dict(runner.session.get_modelmeta().custom_metadata_map)
+        info = ObbModelInfo.from_metadata(metadata, str(path))
+        runner.activate()
+        if len(runner.inputs) != 1 or len(runner.outputs) != 1:
+            raise DetectorModelError(f"{path}: {len(runner.inputs)} inputs and {len(runner.outputs)} outputs; an "
+                                     "Ultralytics OBB export has one of each (images -> output0)")
+        shape = next(iter(runner.outputs.values())).shape
+        channels = 4 + len(info.names) + 1
+        if len(shape) != 3 or (isinstance(shape[1], int) and shape[1] != channels):
+            raise DetectorModelError(f"{path}: output of shape {shape}; an OBB model with {len(info.names)} "
+                                     f"classes gives (batch, {channels}, N)")
+        return Detector(runner, info, _labels(info.names, drea_classes, settings.class_map, str(path)), settings,
+                        str(path))
+    except BaseException:
+        runner.close()
+        raise
+
+
+__all__ = ["Detector", "DetectorSettings", "load_detector"]

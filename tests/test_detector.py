@@ -1,0 +1,157 @@
+"""Tests for galr.runtime.detector: an ONNX graph shaped like an Ultralytics OBB export, built here."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+onnx = pytest.importorskip("onnx", reason="building the test detector needs onnx")
+pytest.importorskip("onnxruntime", reason="the detector runs on ONNX Runtime")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from galr.errors import InputError  # noqa: E402
+from galr.preprocess.detections import Detection, DetectionSet  # noqa: E402
+from galr.preprocess.drea import DOTA_V1_CLASSES  # noqa: E402
+from galr.preprocess.obb import DetectorModelError, corners  # noqa: E402
+from galr.runtime.detector import DetectorSettings, load_detector  # noqa: E402
+from tests.test_runtime_cli import deployment  # noqa: E402,F401  (the shared module fixture)
+
+NAMES = {0: "plane", 1: "ship", 2: "storage tank", 3: "windmill"}
+SIZE = 64
+# Planted boxes in letterboxed input pixels: (cx, cy, w, h, angle), class, score.
+PLANTED = [((20.0, 30.0, 12.0, 6.0, 0.4), 0, 0.9), ((44.0, 30.0, 8.0, 8.0, 1.2), 2, 0.7),
+           ((20.5, 30.0, 12.0, 6.0, 0.4), 0, 0.5), ((50.0, 40.0, 6.0, 6.0, 0.0), 3, 0.95)]
+
+
+def planted_output(nc: int = len(NAMES), rows: int = 30) -> np.ndarray:
+    output = np.zeros((1, 4 + nc + 1, rows), np.float32)
+    output[0, 4:4 + nc] = 0.01
+    for column, ((cx, cy, w, h, angle), klass, score) in enumerate(PLANTED):
+        output[0, :4, column] = (cx, cy, w, h)
+        output[0, 4 + klass, column] = score
+        output[0, -1, column] = angle
+    return output
+
+
+def write_detector(path: Path, *, metadata: dict[str, str] | None = None, output: np.ndarray | None = None) -> Path:
+    """A graph with the export's input/output names and metadata whose output is the planted tensor
+    (plus 0 x the input, so the input is used)."""
+    output = planted_output() if output is None else output
+    nodes = [
+        helper.make_node("Constant", [], ["planted"], value=numpy_helper.from_array(output, "planted")),
+        helper.make_node("ReduceMean", ["images"], ["mean"], keepdims=0),
+        helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0, np.float32), "zero")),
+        helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
+        helper.make_node("Add", ["planted", "nothing"], ["output0"]),
+    ]
+    graph = helper.make_graph(nodes, "obb", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                                          [1, 3, SIZE, SIZE])],
+                              [helper.make_tensor_value_info("output0", TensorProto.FLOAT, list(output.shape))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    values = {"names": str(NAMES), "imgsz": f"[{SIZE}, {SIZE}]", "stride": "32", "task": "obb"}
+    helper.set_model_props(model, values if metadata is None else metadata)
+    onnx.save(model, path)
+    return path
+
+
+def expected_detections(image_size: tuple[int, int], source: str) -> DetectionSet:
+    """The planted plane and storage tank in image pixels, computed here from the letterbox rule."""
+    width, height = image_size
+    gain = min(SIZE / height, SIZE / width)
+    left, top = round((SIZE - round(width * gain)) / 2 - 0.1), round((SIZE - round(height * gain)) / 2 - 0.1)
+    found = []
+    for (cx, cy, w, h, angle), klass, score in PLANTED[:2]:  # the second plane is suppressed; windmill unmapped
+        box = np.array([(cx - left) / gain, (cy - top) / gain, w / gain, h / gain, angle])
+        label = {0: "plane", 2: "storage-tank"}[klass]
+        found.append(Detection.from_polygon(label, score, corners(box)))
+    return DetectionSet(tuple(found), width=width, height=height, source=source)
+
+
+def test_detections_come_back_in_image_pixels_with_drea_labels(tmp_path):
+    detector = load_detector(write_detector(tmp_path / "det.onnx"), drea_classes=DOTA_V1_CLASSES)
+    assert detector.info.imgsz == (SIZE, SIZE) and detector.labels == ("plane", "ship", "storage-tank", None)
+    image = Image.new("RGB", (128, 64), (30, 90, 60))
+    found = detector.detect_one(image, "wide.png")
+    want = expected_detections((128, 64), "x")
+    assert [d.label for d in found.detections] == ["plane", "storage-tank"]
+    for got, expected in zip(found.detections, want.detections):
+        assert got.score == pytest.approx(expected.score)
+        np.testing.assert_allclose(got.polygon, expected.polygon, atol=1e-4)
+        np.testing.assert_allclose(got.box, expected.box, atol=1e-4)
+    assert found.width == 128 and found.height == 64
+
+
+def test_a_class_map_maps_other_names(tmp_path):
+    settings = DetectorSettings(class_map={"windmill": "small vehicle"})
+    detector = load_detector(write_detector(tmp_path / "det.onnx"), drea_classes=DOTA_V1_CLASSES, settings=settings)
+    assert detector.labels[3] == "small-vehicle"
+    assert "small-vehicle" in [d.label for d in detector.detect_one(Image.new("RGB", (64, 64))).detections]
+    with pytest.raises(DetectorModelError, match="not DREA categories"):
+        load_detector(tmp_path / "det.onnx", drea_classes=DOTA_V1_CLASSES,
+                      settings=DetectorSettings(class_map={"windmill": "tower"}))
+
+
+def test_drea_input_from_the_detector_equals_drea_from_the_same_boxes(deployment, tmp_path):  # noqa: F811
+    engine = deployment["engine"]
+    detector = load_detector(write_detector(tmp_path / "det.onnx"), drea_classes=engine.spec.drea.classes)
+    path = deployment["root"] / "images" / "img_02.png"
+    size = Image.open(path).size
+    from_detector = engine.encode_images([path], local=detector)
+    from_boxes = engine.encode_images([path], local=[expected_detections(size, str(path))])
+    np.testing.assert_allclose(from_detector, from_boxes, atol=1e-6)
+    with pytest.warns(UserWarning):
+        without = engine.encode_images([path], local=None)
+    assert not np.allclose(from_detector, without, atol=1e-4)  # the local branch really got the boxes
+    with pytest.raises(InputError, match="not preprocessed arrays"):
+        engine.encode_images(np.zeros((1, 3, 8, 8), np.float32), local=detector)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda p: p.write_bytes(b"not an onnx model"), InputError, "could not load"),
+    (lambda p: write_detector(p, metadata={"names": str(NAMES), "task": "detect"}), DetectorModelError,
+     "'detect' model"),
+    (lambda p: write_detector(p, metadata={}), DetectorModelError, "no Ultralytics metadata"),
+    (lambda p: write_detector(p, output=np.zeros((1, 7, 30), np.float32)), DetectorModelError,
+     "output of shape"),  # 4 classes need 9 channels
+    (lambda p: write_detector(p, metadata={"names": "{0: 'windmill'}", "task": "obb", "imgsz": "[64, 64]"},
+                              output=np.zeros((1, 6, 4), np.float32)), DetectorModelError, "none of"),
+])
+def test_bad_detector_files_are_refused(tmp_path, make, error, message):
+    path = tmp_path / "bad.onnx"
+    make(path)
+    with pytest.raises(error, match=message):
+        load_detector(path, drea_classes=DOTA_V1_CLASSES)
+
+
+def test_nan_outputs_are_refused_when_detecting(tmp_path):
+    output = planted_output()
+    output[0, 0, 0] = math.nan
+    detector = load_detector(write_detector(tmp_path / "nan.onnx", output=output), drea_classes=DOTA_V1_CLASSES)
+    with pytest.raises(DetectorModelError, match="NaN"):
+        detector.detect_one(Image.new("RGB", (64, 64)))
+
+
+def test_galr_index_runs_the_detector_on_every_image(tmp_path, monkeypatch):
+    from galr.runtime.cli import index as index_cli
+    from tests.test_index import FakeEngine, write_image
+
+    monkeypatch.chdir(tmp_path)
+    for seed in range(3):
+        write_image(tmp_path / "scenes" / f"{seed}.png", seed)
+    Path("galr.plan").write_bytes(b"placeholder")
+    engines: list[FakeEngine] = []
+    monkeypatch.setattr(index_cli, "load_engine", lambda *a, **k: engines.append(FakeEngine()) or engines[-1])
+    write_detector(tmp_path / "det.onnx")
+    result = CliRunner().invoke(index_cli.main, ["--no-progress", "scenes", "--detector", "det.onnx"])
+    assert result.exit_code == 0, result.output
+    assert "detector: det.onnx (4 classes, input 64x64; 3 map to DREA)" in result.output
+    assert all(hasattr(local, "detect_one") for _, local in engines[0].calls)
+    both = CliRunner().invoke(index_cli.main, ["scenes", "--detector", "det.onnx", "--detections", "scenes"])
+    assert both.exit_code == 2 and "give one of --detections, --local or --detector" in both.output
