@@ -32,13 +32,13 @@ import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from galr.bench.harness import peak_bytes, resident_bytes
+from galr.clock import utc_now
 
 BLOCK_ROWS = 65536
 
@@ -259,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--markdown", type=Path, default=None, help="the results as a Markdown section")
     args = parser.parse_args(argv)
     settings = ApproximateSettings(size=args.size, queries=args.queries, kinds=tuple(args.kinds.split(",")))
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = utc_now()
     results = run(args.gallery, settings)
     if args.bundle is not None and args.dataset is not None:
         results["test_split"] = mr_on_test_split(args.bundle, args.dataset)

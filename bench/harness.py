@@ -19,7 +19,6 @@ and read back, with its schema checked, by :func:`load_results`.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
 import math
 import os
@@ -35,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from galr.atomic import write_text_atomically
+from galr.clock import utc_now
 from galr.errors import InputError, NotFoundError
 
 SCHEMA_NAME = "galr-bench"
@@ -324,7 +324,7 @@ def new_results(mode: str, machine: Mapping[str, Any], settings: Mapping[str, An
         "schema": SCHEMA_NAME,
         "schema_version": SCHEMA_VERSION,
         "mode": mode,
-        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "started": utc_now(),
         "command": command,
         "machine": dict(machine),
         "settings": dict(settings),

@@ -20,8 +20,8 @@ from galr.bundle import (
     engine_member,
     read_bundle,
     update_bundle,
-    utc_now,
 )
+from galr.clock import utc_now
 from galr.errors import UnavailableError
 from galr.runtime.backends.device import GpuInfo, probe_gpu, probe_tensorrt
 

@@ -30,9 +30,9 @@ from galr.bundle import (
     build_bundle,
     model_hash,
     onnx_member,
-    utc_now,
     write_bundle,
 )
+from galr.clock import utc_now
 from galr.container import sha256_bytes
 from galr.errors import InputError
 from galr.export.onnx_export import ExportOptions, export_all

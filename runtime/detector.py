@@ -65,16 +65,6 @@ class Detector:
         return to_detections(boxes[known], scores[known], classes[known], placement,
                              tuple(label or "" for label in self.labels), picture.size, f"{self.source}: {name}")
 
-    def detect(self, images: Sequence[Any], config: Any = None) -> list[DetectionSet]:
-        """Detections of image files or PIL images (decoded with the image bounds of ``config``)."""
-        from galr.preprocess.image import load_image
-
-        found = []
-        for item in images:
-            picture = load_image(item, config)
-            found.append(self.detect_one(picture, str(item) if isinstance(item, (str, os.PathLike)) else "<image>"))
-        return found
-
     def close(self) -> None:
         self.runner.close()
 

@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 ROOTS = {"galr": "galr", "runtime": "galr.runtime", "export": "galr.export", "calibration": "galr.calibration",
          "bench": "galr.bench"}
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("galr", "galr.errors", "galr.atomic", "galr.container", "galr.console", "galr.serialization", "galr.paths",
-     "galr.config", "galr.graphs"),
+    ("galr", "galr.errors", "galr.clock", "galr.atomic", "galr.container", "galr.console", "galr.serialization",
+     "galr.paths", "galr.config", "galr.graphs"),
     ("galr.preprocess",),
     ("galr.retrieval",),
     ("galr.bundle",),

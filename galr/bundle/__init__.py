@@ -9,7 +9,6 @@ from galr.bundle.archive import (
     build_bundle,
     read_bundle,
     update_bundle,
-    utc_now,
     write_bundle,
 )
 from galr.bundle.engines import (
@@ -53,7 +52,6 @@ __all__ = [
     "read_bundle",
     "select_engine_entry",
     "update_bundle",
-    "utc_now",
     "validate_manifest",
     "write_bundle",
 ]

@@ -9,7 +9,6 @@ bundle it is about to write, and then write it once (:meth:`Bundle.save`).
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 from pathlib import Path
@@ -209,9 +208,4 @@ def update_bundle(bundle: Bundle, manifest_changes: Mapping[str, Any], new_membe
     return read_bundle(bundle.path)
 
 
-def utc_now() -> str:
-    """The current UTC time as ISO 8601 (seconds), as manifests record it."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-__all__ = ["Bundle", "build_bundle", "read_bundle", "update_bundle", "utc_now", "write_bundle"]
+__all__ = ["Bundle", "build_bundle", "read_bundle", "update_bundle", "write_bundle"]

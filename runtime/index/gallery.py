@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from galr import __version__ as GALR_VERSION
+from galr.clock import utc_now
 from galr.errors import InputError, ModelMismatchError
 from galr.runtime.index.records import ImageRecord, RecordStore, UnknownIdError
 from galr.runtime.index.searchers import Searcher, create_searcher
@@ -55,10 +55,6 @@ class SearchResult:
     scores: np.ndarray
     keys: np.ndarray
     ids: list[list[str]]
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class GalleryIndex:

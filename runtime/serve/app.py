@@ -96,19 +96,14 @@ class Service:
     def load(self) -> None:
         """Load the engine (unless given) and the index, then warm up (blocking)."""
         from galr.runtime.encoders import load_engine
-        from galr.runtime.index import load_index
-        from galr.runtime.retriever import Retriever
 
         try:
             if self.encoders is None:
                 self.encoders = load_engine(self.settings.bundle, backend=self.settings.backend,
                                             device=self.settings.device, precision=self.settings.precision)
-            index = load_index(self.settings.index, expected_model_hash=self.encoders.model_hash)
-            self.retriever = Retriever(self.encoders, index, RerankConfig(), device=self.settings.device)
+            self.retriever = self._retriever(self._read_index())
             if self.settings.warmup:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # the warm-up words may not be in the vocabulary
-                    self.encoders.encode_text(["warm up"])
+                quietly(self.encoders.encode_text, ["warm up"])  # the words may not be in the vocabulary
             self.ready = True
         except Exception as exc:  # reported by /readyz; the process keeps answering /healthz
             self.failure = str(exc)
@@ -116,23 +111,37 @@ class Service:
 
     def reload(self) -> dict[str, Any]:
         """Read the index file again and swap it in; a bad file is refused and the old one keeps serving."""
-        from galr.runtime.index import load_index
-        from galr.runtime.retriever import Retriever
-
         if not self.ready:
             raise UnavailableError("the service is not ready yet; reload after /readyz answers 200")
         with self._reload_lock:
-            index = load_index(self.settings.index, expected_model_hash=self.encoders.model_hash)
-            self.retriever = Retriever(self.encoders, index, RerankConfig(), device=self.settings.device)
+            index = self._read_index()
+            self.retriever = self._retriever(index)
         return {"images": len(index), "text_bank": len(index.text_bank_texts), "search": index.images.kind}
 
+    def _read_index(self) -> Any:
+        from galr.runtime.index import load_index
+
+        return load_index(self.settings.index, expected_model_hash=self.encoders.model_hash)
+
+    def _retriever(self, index: Any, search: dict[str, int] | None = None) -> Any:
+        from galr.runtime.retriever import Retriever
+
+        return Retriever(self.encoders, index, RerankConfig(), device=self.settings.device, search_params=search)
+
     def search_text(self, queries: list[str], top_k: int, rerank: bool, search: dict[str, int]) -> list[Any]:
-        retriever = self.retriever  # one index for the whole batch, even if a reload swaps it meanwhile
-        retriever = type(retriever)(retriever.encoders, retriever.index, retriever.rerank_config, retriever.device,
-                                    search)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # unknown-word and MR notices travel in the results
-            return retriever.search_text(queries, top_k=top_k, rerank=rerank)
+        # One index for the whole batch, even if a reload swaps it meanwhile. Per-query notices
+        # (unknown words, MR without a text bank) are not sent to clients.
+        retriever = self._retriever(self.retriever.index, search)
+        return quietly(retriever.search_text, queries, top_k=top_k, rerank=rerank)
+
+
+def quietly(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """``function(*args, **kwargs)`` with warnings silenced. Called on the batcher's one worker thread
+    (and once at start-up, before any request is served), so the process-wide warning filters are
+    never changed under another call."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return function(*args, **kwargs)
 
 
 def _public(result: Any) -> dict[str, Any]:
@@ -312,9 +321,8 @@ def create_app(settings: ServeSettings, *, encoders: Any = None, reload_on_sighu
             raise InputError(f"the uploaded file {upload.filename!r} is empty")
         stream = io.BytesIO(data)
         stream.name = upload.filename or "upload"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # no detections for an upload: DREA's documented zero fallback
-            return await timed(batcher.run_blocking(svc.encoders.encode_images, [stream]))
+        # No detections come with an upload: DREA's documented all-zero fallback, without a warning each time.
+        return await timed(batcher.run_blocking(quietly, svc.encoders.encode_images, [stream]))
 
     @app.post("/v1/embed/image", dependencies=[Depends(authorised)])
     async def embed_image(image: UploadFile = File(...)) -> dict[str, Any]:

@@ -444,7 +444,8 @@ class IvfPqSearcher(IvfSearcher):
 
 
 class HnswSearcher(ApproximateSearcher):
-    """HNSW graph over the exact vectors (fp16 storage: a scalar quantiser). Removal rebuilds the graph.
+    """HNSW graph over the exact vectors (fp16 storage: a scalar quantiser). FAISS cannot remove from
+    an HNSW graph, so removal and replacement rebuild it (time grows with the gallery).
 
     Args:
         dim: vector size.
