@@ -88,6 +88,13 @@ def _benchmark_config(difficulty: str, config_file: Path | None, overrides: Mapp
 @click.option("--caption-specificity", type=float, default=None,
               help="0..1, detail in captions; lower is harder [preset: 0.7 for medium].")
 @click.option("--vocab-min-count", type=int, default=None, help="Rarer train words become <unk> [preset: 1].")
+@click.option("--geo-scenes", type=click.IntRange(min=1), default=None,
+              help="Instead of the benchmark: this many large geo-referenced scenes (GeoTIFF, UTM, dated) with SeLo "
+                   "annotations (anno.json) for galr-locate and galr-index --tile. Needs `pip install 'galr[geo]'`.")
+@click.option("--geo-size", type=click.IntRange(min=256), default=4096, show_default=True,
+              help="--geo-scenes: scene side in pixels (a multiple of --image-size).")
+@click.option("--geo-queries", type=click.IntRange(min=1), default=3, show_default=True,
+              help="--geo-scenes: annotated queries per scene (each planted at 2 places).")
 @click.option("--overwrite", is_flag=True, help="Regenerate even if OUTPUT holds another benchmark.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def synth_main(output: Path, difficulty: str, config_file: Path | None, overwrite: bool, quiet: bool,
@@ -97,6 +104,17 @@ def synth_main(output: Path, difficulty: str, config_file: Path | None, overwrit
     A folder that already holds the same benchmark is reused; generation is deterministic.
     """
     from galr.synthetic.benchmark import generate_benchmark
+
+    geo_scenes, geo_size, geo_queries = fields.pop("geo_scenes"), fields.pop("geo_size"), fields.pop("geo_queries")
+    if geo_scenes is not None:
+        from galr.synthetic.geo import GeoSceneConfig, generate_geo_scenes
+
+        chip = fields.get("image_size") or 256
+        seed = fields.get("seed") or 0
+        annotations = generate_geo_scenes(output, GeoSceneConfig(scenes=geo_scenes, size=geo_size, chip=chip,
+                                                                 queries=geo_queries, seed=seed), progress=not quiet)
+        click.echo(f"{output}: {geo_scenes} scenes of {geo_size} px, annotations {annotations}")
+        return
 
     def work():
         config = _benchmark_config(difficulty, config_file, _given(fields))

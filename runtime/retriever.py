@@ -31,6 +31,7 @@ import numpy as np
 from galr import paths
 from galr.config import RerankConfig
 from galr.errors import InputError
+from galr.geo.filters import PlaceFilter
 from galr.retrieval.rerank import MIN_CANDIDATES, rerank_candidates
 from galr.runtime.index.searchers import Searcher
 
@@ -162,7 +163,7 @@ class Retriever:
         return rerank
 
     def search_text(self, queries: str | Sequence[str], top_k: int = 10, rerank: bool = True,
-                    labels: Sequence[str] | None = None) -> list[QueryResult]:
+                    labels: Sequence[str] | None = None, where: PlaceFilter | None = None) -> list[QueryResult]:
         """Images of the gallery for each text query, best first.
 
         Args:
@@ -170,11 +171,13 @@ class Retriever:
             top_k: results per query.
             rerank: apply MR (needs the index's text bank).
             labels: how messages name each query (e.g. ``"line 3"``); ``"query #i"`` by default.
+            where: only tiles whose footprint meets ``where.bbox`` and whose scene date is in
+                ``[where.since, where.until]``; applied inside the search (the true top ``k`` of those).
         """
         queries = [queries] if isinstance(queries, str) else list(queries)
         labels = list(labels) if labels is not None else [f"query #{i}" for i in range(len(queries))]
         return self._search(queries, queries, labels, lambda block, names: self.encoders.encode_text(block, names),
-                            self._side("images"), top_k, rerank)
+                            self._side("images", where), top_k, rerank)
 
     def search_images(self, images: Any, local: Any = None, top_k: int = 10, rerank: bool = True) -> list[QueryResult]:
         """Captions of the index's text bank for each query image, best first (image->text mode).
@@ -208,7 +211,7 @@ class Retriever:
                             captions, top_k, rerank, block=block)
 
     def search_embeddings(self, embeddings: np.ndarray, labels: Sequence[str], *, target: str = "images",
-                          top_k: int = 10, rerank: bool = True) -> list[QueryResult]:
+                          top_k: int = 10, rerank: bool = True, where: PlaceFilter | None = None) -> list[QueryResult]:
         """Search with query embeddings made elsewhere (e.g. once for several searches).
 
         Args:
@@ -217,18 +220,24 @@ class Retriever:
             labels: what each result says it answered.
             target: ``"images"`` (the gallery, MR over the text bank) or ``"captions"`` (the text
                 bank, MR over the gallery).
+            where: restrict the gallery by place and date (``target="images"`` only; see :meth:`search_text`).
         """
-        side = self._side(target)
+        side = self._side(target, where)
         labels = list(labels)
         return self._search(np.asarray(embeddings, np.float32), labels, labels, lambda block, _: block, side, top_k,
                             rerank)
 
-    def _side(self, target: str) -> _Side:
+    def _side(self, target: str, where: PlaceFilter | None = None) -> _Side:
         """What a query is matched against: the gallery images (MR over the text bank) or the captions."""
         index = self.index
+        if where is not None and target != "images":
+            raise InputError("a place/date filter applies to gallery images (text->image search) only")
         if target == "images":
+            params = dict(self.search_params)
+            if where is not None:
+                params["allowed"] = index.keys_matching(where)
             return _Side(index.images, index.text_bank, lambda key: index.record(key).id,
-                         lambda key: index.record(key).to_dict(), self.search_params)
+                         lambda key: index.record(key).to_dict(), params)
         if target == "captions":
             if not self.has_text_bank:
                 raise InputError("image->text search needs captions: build the index with "

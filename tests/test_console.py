@@ -21,7 +21,7 @@ def _scripts() -> dict[str, str]:
 
 def test_every_command_goes_through_the_console_module_to_a_real_function():
     scripts = _scripts()
-    assert len(scripts) == 10
+    assert len(scripts) == 11
     for command, target in scripts.items():
         module, name = target.split(":")
         assert module == "galr.console", f"{command} bypasses galr.console"

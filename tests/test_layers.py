@@ -17,6 +17,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("galr", "galr.errors", "galr.clock", "galr.atomic", "galr.container", "galr.console", "galr.serialization",
      "galr.paths", "galr.config", "galr.graphs"),
     ("galr.preprocess",),
+    ("galr.geo",),
     ("galr.retrieval",),
     ("galr.bundle",),
     ("galr.runtime",),

@@ -27,6 +27,7 @@ from galr.runtime.index import (
     build_index,
     encode_image_files,
     load_index,
+    new_index,
     scan_image_files,
 )
 from galr.runtime.index.searchers import AUTO_APPROXIMATE, AUTO_EXACT_LIMIT, SEARCHERS, resolve_searcher_kind
@@ -35,7 +36,8 @@ _MAX_REASONS = 20  # skipped images listed one per line; the rest are counted
 
 _EPILOG = """\b
 Examples:
-  galr-index scenes/ --engine galr.plan --detections dets/ -o gallery.gidx
+  galr-index chips/ --engine galr.plan --detections dets/ -o gallery.gidx
+  galr-index scenes/ --engine galr.plan --tile 256 --overlap 64 -o archive.gidx
   galr-index new_scenes/ --update --text-bank captions.txt
   galr-index --remove harbour/0042.png --remove harbour/0043.png
 """
@@ -121,6 +123,55 @@ def _report_skipped(skipped: Sequence[SkippedImage]) -> None:
         click.echo(f"  ... and {len(skipped) - _MAX_REASONS} more", err=True)
 
 
+def _tiling(tile_sizes: str | None, overlap: int, bands: str | None, stretch: str, min_valid: float) -> Any:
+    """The scene tiling the options ask for (``None`` without --tile)."""
+    if tile_sizes is None:
+        if bands is not None or overlap:
+            raise click.UsageError("--bands and --overlap apply to scenes: add --tile PX")
+        return None
+    from galr.geo import SceneReadSettings, TileSettings, parse_bands, require_rasterio
+    from galr.geo.tiling import parse_tile_sizes
+    from galr.runtime.index.scenes import SceneTiling
+
+    require_rasterio()  # before the engine loads, not after
+    if stretch.strip().lower() == "none":
+        clip = None
+    else:
+        try:
+            clip = tuple(float(part) for part in stretch.split(","))
+        except ValueError:
+            raise click.BadParameter(f"{stretch!r} is not LOW,HIGH percentiles or none", param_hint="--stretch") from None
+    return SceneTiling(TileSettings(parse_tile_sizes(tile_sizes), overlap),
+                       SceneReadSettings(bands=parse_bands(bands), stretch=clip, min_valid_fraction=min_valid))
+
+
+def _encode_with_scenes(encoders: Any, files: list[Path], tiling: Any, local: Any, batch_size: int, progress: bool,
+                        root: Path | None) -> tuple[list, Any, list[SkippedImage]]:
+    """Scenes (GeoTIFF) tiled, plain images whole; one list of records and embeddings."""
+    import numpy as np
+
+    from galr.geo import is_scene_file
+    from galr.runtime.index.scenes import encode_scene_files
+
+    scenes = [path for path in files if is_scene_file(path)]
+    pictures = [path for path in files if not is_scene_file(path)]
+    records, parts, skipped = [], [], []
+    if pictures:
+        found, embeddings, missed = encode_image_files(encoders, pictures, local, batch_size, progress, root)
+        records += found
+        parts.append(embeddings)
+        skipped += missed
+    if scenes:
+        found, embeddings, report = encode_scene_files(encoders, scenes, tiling, local, batch_size, progress, root)
+        records += found
+        parts.append(embeddings)
+        skipped += report.skipped
+        click.echo(f"scenes: {report.scenes} read, {report.tiles} tiles indexed, {report.nodata_tiles} mostly-nodata "
+                   f"tiles skipped, {report.unreadable_tiles} unreadable windows")
+    embeddings = np.concatenate(parts) if parts else np.zeros((0, encoders.embed_dim), np.float32)
+    return records, embeddings, skipped
+
+
 @dataclass(frozen=True)
 class SearchChoice:
     """What --search and --search-setting asked for (``kind`` None: keep or pick automatically)."""
@@ -192,6 +243,20 @@ def _size_text(size: int) -> str:
 @click.option("--search-setting", "search_settings", multiple=True, metavar="NAME=INT",
               help="A build setting of the approximate searcher (repeat): ivf/ivfpq nlist, nprobe, train_size, "
                    "m, nbits; hnsw M, ef_construction, ef.")
+@click.option("--tile", "tile_sizes", default=None, metavar="PX[,PX...]",
+              help="Tile GeoTIFF scenes (.tif/.tiff) into windows of this many pixels (several sizes: 256,512); "
+                   "each tile is indexed with its scene, window, CRS, ground sample distance, centre and WGS84 "
+                   "footprint. Plain images are indexed whole. Needs `pip install 'galr[geo]'`.")
+@click.option("--overlap", type=click.IntRange(min=0), default=0, show_default=True,
+              help="--tile: pixels shared by neighbouring tiles.")
+@click.option("--bands", default=None, metavar="R,G,B",
+              help="--tile: scene bands shown as R,G,B, counted from 1 (e.g. 4,3,2 for Sentinel-2)  "
+                   "[default: by colour interpretation, else 1,2,3; 13+ bands 4,3,2; 1-2 bands grey]")
+@click.option("--stretch", default="2,98", show_default=True, metavar="LOW,HIGH|none",
+              help="--tile: per-band percentile clip for 16-bit and float scenes (8-bit scenes are kept as they are); "
+                   "none scales by the data type's range.")
+@click.option("--min-valid", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="--tile: skip (and count) tiles with a smaller fraction of valid (not nodata) pixels.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index at --output with a new one.")
 @click.option("--lock-timeout", type=click.FloatRange(min=0), default=600, show_default=True,
               help="Seconds to wait while another galr-index writes the same index, then give up (exit 2).")
@@ -200,7 +265,8 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, detect
          local_file: Path | None, output: Path,
          storage: str | None, batch_size: int, backend: str, device: str, precision: str, text_bank: Path | None,
          update: bool, remove_ids: tuple[str, ...], root: Path | None, search_kind: str | None,
-         search_settings: tuple[str, ...], overwrite: bool, lock_timeout: float, progress: bool) -> None:
+         search_settings: tuple[str, ...], tile_sizes: str | None, overlap: int, bands: str | None, stretch: str,
+         min_valid: float, overwrite: bool, lock_timeout: float, progress: bool) -> None:
     """Embed the images in IMAGES (folders are scanned for png/jpg/tif/bmp) into a gallery index.
 
     The index holds one embedding per image, the images' metadata, the model hash of the bundle
@@ -227,6 +293,7 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, detect
         raise InputError(f"{output} already exists; add IMAGES to it with --update, or replace it with --overwrite")
 
     search = SearchChoice(search_kind, _settings(search_settings))
+    tiling = _tiling(tile_sizes, overlap, bands, stretch, min_valid)
     started = time.perf_counter()
     captions = [line.text for line in read_text_lines(text_bank, "captions")] if text_bank is not None else None
     files, unreadable = _collect_images(images)
@@ -242,7 +309,7 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, detect
         # From reading the index to replacing it, no other writer may save it: its edits would be lost.
         with exclusive_lock(output, timeout=lock_timeout, on_wait=lambda message: click.echo(message, err=True)):
             _run(encoders, files, unreadable, images, output, storage, batch_size, detections, local_file, captions,
-                 editing, removals, root, search, progress, detector)
+                 editing, removals, root, search, progress, detector, tiling)
     finally:
         if encoders is not None:
             encoders.close()
@@ -253,7 +320,7 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, detect
 def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], images: Sequence[Path], output: Path,
          storage: str | None, batch_size: int, detections: Path | None, local_file: Path | None,
          captions: list[str] | None, editing: bool, removals: list[str], root: Path | None, search: "SearchChoice",
-         progress: bool, detector: Path | None = None) -> None:
+         progress: bool, detector: Path | None = None, tiling: Any = None) -> None:
     """Load or build the index, apply the edits and save it (the body of :func:`main`)."""
     index = None
     if editing:
@@ -268,7 +335,16 @@ def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], image
     if files:
         local = _local_input(detections, local_file, encoders, detector)
         image_root = _image_root(images, root, index)
-        if index is None:
+        if tiling is not None:
+            (records, embeddings, skipped), without = _encode_quietly(
+                _encode_with_scenes, encoders, files, tiling, local, batch_size, progress, image_root)
+            if index is None:
+                index = new_index(encoders, len(records), storage or "fp32", image_root, search.kind or "auto",
+                                  search.settings)
+            indexed, replaced = len(records), sum(record.id in index for record in records)
+            if records:
+                index.add(records, embeddings, replace=True)
+        elif index is None:
             (index, skipped), without = _encode_quietly(build_index, encoders, files, local, batch_size,
                                                         storage or "fp32", progress, image_root,
                                                         search.kind or "auto", search.settings)

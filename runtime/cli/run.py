@@ -15,6 +15,7 @@ from galr.atomic import check_writable, write_text_atomically
 from galr.config import RerankConfig
 from galr.console import GalrCommand, printable
 from galr.errors import NotFoundError, NothingDoneError
+from galr.geo.filters import PlaceFilter
 from galr.preprocess.text import read_text_lines
 from galr.runtime.backends.registry import AUTO, REQUESTABLE_DEVICES, backend_names
 from galr.runtime.encoders import QueryWarning
@@ -24,6 +25,7 @@ Examples:
   galr-run query.txt --engine galr.plan
   galr-run query.txt --engine galr.plan --index gallery.gidx --top-k 10 --json hits.json --html hits.html
   galr-run images.txt --mode image2text --detections dets/
+  galr-run query.txt --engine galr.plan --index archive.gidx --geojson hits.geojson --bbox 14.9,44.9,15.1,45.1
 """
 
 
@@ -73,11 +75,18 @@ def _report_warnings(caught: list, lines: list) -> None:
               help="ivf/ivfpq indexes: lists scanned per query (more: better recall, slower)  [default: the index's]")
 @click.option("--ef", type=click.IntRange(min=1), default=None,
               help="hnsw indexes: search beam width (more: better recall, slower)  [default: the index's]")
+@click.option("--bbox", default=None, metavar="W,S,E,N",
+              help="Only tiles whose footprint meets this WGS84 box (degrees), searched inside the index.")
+@click.option("--since", default=None, metavar="DATE", help="Only tiles of scenes acquired on or after DATE (YYYY-MM-DD).")
+@click.option("--until", default=None, metavar="DATE", help="Only tiles of scenes acquired on or before DATE.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write results as JSON.")
+@click.option("--geojson", "geojson_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the hits as a GeoJSON FeatureCollection (footprints in WGS84; needs an index of "
+                   "georeferenced scene tiles, galr-index --tile).")
 @click.option("--html", "html_path", type=click.Path(path_type=Path), default=None,
               help="Also write a self-contained HTML contact sheet with thumbnails.")
 def main(query_file, bundle, index_path, top_k, rerank, mode, detections, detector, backend, device, precision, mr_k,
-         wp1, wp2, nprobe, ef, json_path, html_path) -> None:
+         wp1, wp2, nprobe, ef, bbox, since, until, json_path, geojson_path, html_path) -> None:
     """Search the gallery for every query in QUERY_FILE (one per line) and show the best images."""
     from galr.retrieval.rerank import MIN_CANDIDATES
     from galr.runtime.report.table import format_results
@@ -85,8 +94,13 @@ def main(query_file, bundle, index_path, top_k, rerank, mode, detections, detect
 
     if detections is not None and detector is not None:
         raise click.UsageError("give --detections or --detector, not both")
+    where = PlaceFilter.from_text(bbox, since, until)
+    if where is not None and mode != "text2image":
+        raise click.UsageError("--bbox/--since/--until restrict gallery images: use them with --mode text2image")
+    if geojson_path is not None and mode != "text2image":
+        raise click.UsageError("--geojson places gallery tiles on a map: use it with --mode text2image")
     lines = read_text_lines(query_file, "queries")
-    for output in (json_path, html_path):
+    for output in (json_path, html_path, geojson_path):
         if output is not None:
             check_writable(output)  # before minutes of work, not after
     if mode == "image2text":
@@ -105,12 +119,21 @@ def main(query_file, bundle, index_path, top_k, rerank, mode, detections, detect
         click.echo(f"engine: {retriever.encoders.info.describe()} · loaded in {load_ms:.0f} ms")
         click.echo(f"index:  {printable(index_path)} · {len(index)} images ({index.images.kind} search) · text bank "
                    f"{len(index.text_bank_texts)} captions")
+        if geojson_path is not None and not len(index.keys_matching(PlaceFilter(bbox=(-180.0, -90.0, 180.0, 90.0)))):
+            raise NothingDoneError(f"{index_path} holds no georeferenced tiles, so --geojson has nothing to place; "
+                                   "index GeoTIFF scenes with galr-index --tile, or use --json for pixel windows")
+        if where is not None:
+            matching = len(index.keys_matching(where))
+            click.echo(f"filter: {where.describe()} · {matching} of {len(index)} images match")
+            if matching == 0:
+                raise NothingDoneError(f"no image of {index_path} matches {where.describe()} (only georeferenced, "
+                                       "dated scene tiles can); nothing searched")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if mode == "text2image":
                 usable = _usable_queries(lines, retriever.encoders)
                 results = retriever.search_text([line.text for line in usable], top_k=top_k, rerank=rerank,
-                                                labels=[f"line {line.number}" for line in usable])
+                                                labels=[f"line {line.number}" for line in usable], where=where)
             else:
                 local: Any = str(detections) if detections else None
                 if detector is not None:
@@ -131,6 +154,11 @@ def main(query_file, bundle, index_path, top_k, rerank, mode, detections, detect
                        "rerank": {"enabled": rerank, **config.__dict__}, "results": [r.to_dict() for r in results]}
             write_text_atomically(json_path, json.dumps(payload, indent=2))
             click.echo(f"wrote {printable(json_path)}")
+        if geojson_path:
+            from galr.geo.geojson import write_hits_geojson
+
+            write_hits_geojson(geojson_path, results)
+            click.echo(f"wrote {printable(geojson_path)}")
         if html_path:
             from galr.runtime.report.html import write_contact_sheet
 

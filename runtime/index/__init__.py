@@ -12,6 +12,7 @@ from galr.runtime.index.build import (
     encode_image_files,
     image_id,
     iter_image_files,
+    new_index,
     scan_image_files,
 )
 from galr.runtime.index.gallery import (
@@ -42,6 +43,7 @@ __all__ = [
     "SkippedImage",
     "UnknownIdError",
     "build_index",
+    "new_index",
     "create_searcher",
     "encode_image_files",
     "image_id",

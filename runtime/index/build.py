@@ -218,18 +218,27 @@ def build_index(encoders: Any, image_paths: Sequence[str | os.PathLike], local: 
     Raises:
         InputError: see :func:`encode_image_files`; an unknown ``storage``.
     """
-    checked_storage(storage)
-    kind = resolve_searcher_kind(searcher, len(image_paths))
-    info = getattr(encoders, "info", None)
-    index = GalleryIndex(encoders.model_hash, encoders.embed_dim, storage,  # refuses bad settings before encoding
-                         built_with=getattr(info, "bundle", None),
-                         image_root=os.path.abspath(root) if root is not None else None,
-                         searcher=kind, searcher_params=searcher_params)
+    index = new_index(encoders, len(image_paths), storage, root, searcher, searcher_params)  # checks settings first
     records, embeddings, skipped = encode_image_files(encoders, image_paths, local, batch_size, progress, root)
     if records:
         index.add(records, embeddings)
     return index, skipped
 
 
+def new_index(encoders: Any, count: int, storage: str = "fp32", root: str | os.PathLike | None = None,
+              searcher: str = "auto", searcher_params: Mapping[str, Any] | None = None) -> GalleryIndex:
+    """An empty index for ``encoders``' model, its searcher chosen for about ``count`` images.
+
+    Raises:
+        InputError: an unknown ``storage``, searcher kind or searcher setting.
+    """
+    checked_storage(storage)
+    kind = resolve_searcher_kind(searcher, count)
+    info = getattr(encoders, "info", None)
+    return GalleryIndex(encoders.model_hash, encoders.embed_dim, storage, built_with=getattr(info, "bundle", None),
+                        image_root=os.path.abspath(root) if root is not None else None,
+                        searcher=kind, searcher_params=searcher_params)
+
+
 __all__ = ["IMAGE_SUFFIXES", "SkippedImage", "build_index", "encode_image_files", "image_id", "iter_image_files",
-           "scan_image_files"]
+           "new_index", "scan_image_files"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from galr.runtime.index.vectors import (
     duplicates,
     preview,
 )
+
+if TYPE_CHECKING:
+    from galr.geo.filters import PlaceFilter
 
 DEFAULT_SEARCHER = "exact"
 
@@ -317,6 +320,11 @@ class GalleryIndex:
         scores, keys = self.images.search(self._checked_queries(query_embeddings), int(k), **params)
         records = self._records
         return SearchResult(scores, keys, [[records.get(key).id for key in row] for row in keys.tolist()])
+
+    def keys_matching(self, where: "PlaceFilter") -> np.ndarray:
+        """Keys of the images that pass a place/date filter (records without a place or date never pass it)."""
+        keys, bounds, times = self._records.places()
+        return keys[where.matches(bounds, times)]
 
     def similarity_matrix(self, query_embeddings: Any, **params: Any) -> np.ndarray:
         """All query x gallery cosine scores, float32 ``[q, n]`` in gallery order."""

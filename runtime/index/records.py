@@ -142,6 +142,7 @@ class RecordStore:
     def __init__(self) -> None:
         self._by_key: dict[int, ImageRecord] = {}
         self._key_of: dict[str, int] = {}
+        self._places: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -191,11 +192,42 @@ class RecordStore:
             raise InputError(f"id {record.id!r} is already in the index")
         self._by_key[key] = record
         self._key_of[record.id] = key
+        self._places = None
 
     def remove(self, keys: Iterable[int]) -> None:
         for key in keys:
             record = self._by_key.pop(int(key))
             del self._key_of[record.id]
+        self._places = None
+
+    def places(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(keys, bounds, times)`` in gallery order, for filters by place and date (built once per edit).
+
+        ``bounds`` is ``[n, 4]`` west, south, east, north of each footprint (its centre when it has
+        none; NaN when neither is known); ``times`` is ``datetime64[s]`` from ``extra["datetime"]``
+        (NaT when unknown).
+        """
+        if self._places is None:
+            from galr.geo.filters import parse_date
+
+            count = len(self._by_key)
+            keys = np.fromiter(self._by_key, dtype=np.int64, count=count)
+            bounds = np.full((count, 4), np.nan)
+            times = np.full(count, np.datetime64("NaT"), dtype="datetime64[s]")
+            for row, record in enumerate(self._by_key.values()):
+                if record.footprint:
+                    lons, lats = zip(*record.footprint)
+                    bounds[row] = (min(lons), min(lats), max(lons), max(lats))
+                elif record.lat is not None and record.lon is not None:
+                    bounds[row] = (record.lon, record.lat, record.lon, record.lat)
+                stamp = record.extra.get("datetime") if record.extra else None
+                if stamp:
+                    try:
+                        times[row] = parse_date(stamp)
+                    except InputError:
+                        pass  # an unreadable date is an unknown date: the record never passes a date filter
+            self._places = (keys, bounds, times)
+        return self._places
 
     @classmethod
     def from_records(cls, keys: Iterable[int], records: Iterable[ImageRecord]) -> "RecordStore":

@@ -247,38 +247,51 @@ class ApproximateSearcher:
         self._keys = self._keys[~np.isin(self._keys, keys)]
 
     # -- search -------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int, *, device: str = "auto", **params: Any
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, *, device: str = "auto", allowed: np.ndarray | None = None,
+               **params: Any) -> tuple[np.ndarray, np.ndarray]:
         """Approximate top ``k`` per query; ``params`` are the kind's search settings (``nprobe``/``ef``).
 
-        ``device`` is accepted for the seam's sake: FAISS searches run on the CPU (faiss-gpu is not used yet).
+        ``allowed`` (keys) restricts the search inside FAISS (an ID selector), so the answer is the
+        best ``k`` among the allowed rows. ``device`` is accepted for the seam's sake: FAISS searches
+        run on the CPU (faiss-gpu is not used yet).
         """
         if device not in SEARCH_DEVICES:
             raise InputError(f"device must be one of {SEARCH_DEVICES}, got {device!r}")
-        k = min(int(k), len(self))
+        selector = None
+        if allowed is not None:
+            allowed = np.asarray(allowed, np.int64)
+            allowed = allowed[np.isin(allowed, self._keys)]
+        k = min(int(k), len(self) if allowed is None else len(allowed))
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if k == 0:
             self._check_search_names(params)
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         search_params = self._search_parameters(params, k)
+        if allowed is not None:
+            selector = self._faiss.IDSelectorBatch(allowed)
+            search_params.sel = selector
         scores, keys = self._ready().search(queries, k, params=search_params)
         short = np.nonzero((keys < 0).any(axis=1))[0]
         if len(short):  # a probe found fewer than k rows: answer those queries exhaustively
             fuller = self._exhaustive_parameters()
-            if fuller is not None:
+            if fuller is not None and selector is None:
                 scores[short], keys[short] = self._index.search(queries[short], k, params=fuller)
             else:
-                scores[short], keys[short] = self._exact(queries[short], k)
+                scores[short], keys[short] = self._exact(queries[short], k, allowed)
         # FAISS returns equal scores in no fixed order: list them by key (the order images were added).
         order = np.lexsort((keys, -scores), axis=-1)
         scores, keys = np.take_along_axis(scores, order, 1), np.take_along_axis(keys, order, 1)
         return scores.astype(np.float32, copy=False), keys.astype(np.int64, copy=False)
 
-    def _exact(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _exact(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         best_scores = np.zeros((len(queries), 0), np.float32)
         best_rows = np.zeros((len(queries), 0), np.int64)
+        usable = None if allowed is None else np.isin(self._keys, allowed)
         for start, block in self._blocks():
-            block_scores, columns = top_k_block(np, queries @ block.T, k)
+            scores = queries @ block.T
+            if usable is not None:
+                scores[:, ~usable[start:start + len(block)]] = -np.inf
+            block_scores, columns = top_k_block(np, scores, min(k, len(block)))
             best_scores, best_rows = merge_top_k(np.concatenate([best_scores, block_scores], axis=1),
                                                  np.concatenate([best_rows, columns + start], axis=1), k)
         return best_scores, self._keys[best_rows]

@@ -204,14 +204,26 @@ class ExactSearcher:
             block = stored[start : start + step].astype(xp.float32, copy=False)
             yield xp, start, device_queries @ block.T
 
-    def search(self, queries: np.ndarray, k: int, *, device: str = "auto",
-               block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top ``k`` per query (ties by gallery order); ``block_rows`` stored rows are scored at a time."""
-        k = min(int(k), self._size)
+    def search(self, queries: np.ndarray, k: int, *, device: str = "auto", block_rows: int | None = None,
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top ``k`` per query (ties by gallery order); ``block_rows`` stored rows are scored at a time.
+
+        ``allowed`` (keys) restricts the search to those rows inside the scan: the result is the true
+        top ``k`` among them (fewer when fewer are allowed), not a filtered top ``k`` of everything.
+        """
+        usable = None if allowed is None else np.isin(self._keys[: self._size], np.asarray(allowed, np.int64))
+        k = min(int(k), self._size if usable is None else int(usable.sum()))
         best_scores = np.zeros((len(queries), 0), dtype=np.float32)
         best_rows = np.zeros((len(queries), 0), dtype=np.int64)
+        if k == 0:
+            return best_scores, best_rows
         for xp, start, scores in self._score_blocks(queries, device, block_rows):
-            block_scores, columns = top_k_block(xp, scores, k)
+            if usable is not None:
+                blocked = ~usable[start : start + scores.shape[1]]
+                if blocked.all():
+                    continue
+                scores[:, xp.asarray(blocked)] = -np.inf
+            block_scores, columns = top_k_block(xp, scores, min(k, scores.shape[1]))
             candidates = np.concatenate([best_scores, to_host(block_scores)], axis=1)
             rows = np.concatenate([best_rows, to_host(columns) + start], axis=1)
             best_scores, best_rows = merge_top_k(candidates, rows, k)
