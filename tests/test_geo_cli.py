@@ -209,3 +209,58 @@ def test_locate_scores_selo_annotations(site, tmp_path):
     missing.write_text(json.dumps([{"caption": "x", "jpg_name": "absent.tif", "points": [[[0, 0], [1, 0], [1, 1]]]}]))
     refused = _invoke(locate_main, scene, "--engine", site["bundle"], "--annotations", missing, "-o", out)
     assert refused.exit_code != 0 and "absent.tif" in refused.output
+
+
+def test_a_stac_item_collection_is_an_input_and_its_item_facts_reach_every_tile(site, tmp_path):
+    scene = tmp_path / "assets" / "s1.tif"
+    scene.parent.mkdir()
+    write_scene(scene, gradient_scene(128, 128, 3, "uint8", seed=4))
+    footprint = {"type": "Polygon", "coordinates": [[[15, 45], [15.1, 45], [15.1, 44.9], [15, 44.9], [15, 45]]]}
+
+    def item(identifier, href):
+        return {"type": "Feature", "stac_version": "1.0.0", "id": identifier, "geometry": footprint,
+                "bbox": [15, 44.9, 15.1, 45], "links": [],
+                "properties": {"datetime": "2023-07-14T09:00:00Z", "platform": "sat-1", "eo:cloud_cover": 3.5},
+                "assets": {"visual": {"href": href, "type": "image/tiff; application=geotiff", "roles": ["visual"]}}}
+
+    collection = tmp_path / "items.json"
+    collection.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        item("scene-1", "assets/s1.tif"), item("remote", "https://example.com/r.tif")]}))
+    output = tmp_path / "stac.gidx"
+    result = _invoke(index_main, "--no-progress", collection, "--engine", site["bundle"], "--tile", "64", "-o", output)
+    assert result.exit_code == 0, result.output
+    assert "STAC" in result.output and "remote" in result.output  # the item without a local file is listed
+    records = load_index(output).records
+    assert len(records) == 4 and records[0].id == "assets/s1.tif@64:0,0"
+    extra = records[0].extra
+    assert extra["stac_item"] == "scene-1" and extra["eo:cloud_cover"] == 3.5 and extra["platform"] == "sat-1"
+    assert extra["datetime"] == "2023-07-14T09:00:00"
+    needs_tiles = _invoke(index_main, "--no-progress", collection, "--engine", site["bundle"], "-o", tmp_path / "x")
+    assert needs_tiles.exit_code != 0 and "--tile" in needs_tiles.output
+
+
+def test_the_service_filters_by_place_and_date_and_serves_tile_thumbnails(site):
+    pytest.importorskip("fastapi", reason="galr-serve needs the serve extra")
+    pytest.importorskip("httpx", reason="the FastAPI test client needs httpx")
+    from galr.runtime.serve import ServeSettings, create_app
+    from tests.test_serve import started
+
+    output, _ = _index(site, "served.gidx")
+    index = load_index(output)
+    holes = [r for r in index.records if r.id.startswith("holes.tif@")]
+    lons = [p[0] for r in holes for p in r.footprint]
+    lats = [p[1] for r in holes for p in r.footprint]
+    client = started(create_app(ServeSettings(bundle=site["bundle"], index=output)))
+    try:
+        body = {"queries": ["two white planes"], "top_k": 50, "rerank": False,
+                "bbox": [min(lons), min(lats), max(lons), max(lats)]}
+        hits = client.post("/v1/search/text", json=body).json()["results"][0]["hits"]
+        assert hits and {h["id"] for h in hits} == {r.id for r in holes}
+        dated = client.post("/v1/search/text", json={"queries": ["ships"], "top_k": 50, "since": "2024-05-01"}).json()
+        assert all(h["id"].startswith("dated.tif@") for h in dated["results"][0]["hits"])
+        bad = client.post("/v1/search/text", json={"queries": ["ships"], "bbox": [0, 10, 1, 5]})
+        assert bad.status_code == 400 and "south" in bad.json()["error"]["message"]
+        thumb = client.get("/v1/thumbnail", params={"id": holes[0].id})
+        assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
+    finally:
+        client.__exit__(None, None, None)

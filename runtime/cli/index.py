@@ -68,6 +68,8 @@ def _image_root(arguments: Sequence[Path], explicit: Path | None, index: Gallery
         return Path(index.image_root)
     if len(arguments) == 1 and arguments[0].is_dir():
         return arguments[0]
+    if len(arguments) == 1 and arguments[0].suffix.lower() == ".json":  # a STAC file: ids relative to it
+        return arguments[0].parent
     return None
 
 
@@ -145,8 +147,24 @@ def _tiling(tile_sizes: str | None, overlap: int, bands: str | None, stretch: st
                        SceneReadSettings(bands=parse_bands(bands), stretch=clip, min_valid_fraction=min_valid))
 
 
+def _stac_scenes(stac_files: Sequence[Path]) -> tuple[dict[str, dict[str, Any]], list[SkippedImage]]:
+    """Scene path -> its STAC item's facts, for every STAC file given; items without a local GeoTIFF are listed."""
+    from galr.geo.stac import read_stac_scenes
+
+    extra: dict[str, dict[str, Any]] = {}
+    left_out: list[SkippedImage] = []
+    for stac_file in stac_files:
+        scenes, missing = read_stac_scenes(stac_file)
+        click.echo(f"STAC {printable(stac_file)}: {_count(len(scenes), 'scene')}")
+        left_out += [SkippedImage(str(stac_file), reason) for reason in missing]
+        for scene in scenes:
+            extra[str(scene.path.resolve())] = {"stac_item": scene.item_id, **scene.properties}
+    return extra, left_out
+
+
 def _encode_with_scenes(encoders: Any, files: list[Path], tiling: Any, local: Any, batch_size: int, progress: bool,
-                        root: Path | None) -> tuple[list, Any, list[SkippedImage]]:
+                        root: Path | None, scene_extra: dict[str, dict[str, Any]] | None = None
+                        ) -> tuple[list, Any, list[SkippedImage]]:
     """Scenes (GeoTIFF) tiled, plain images whole; one list of records and embeddings."""
     import numpy as np
 
@@ -162,7 +180,8 @@ def _encode_with_scenes(encoders: Any, files: list[Path], tiling: Any, local: An
         parts.append(embeddings)
         skipped += missed
     if scenes:
-        found, embeddings, report = encode_scene_files(encoders, scenes, tiling, local, batch_size, progress, root)
+        found, embeddings, report = encode_scene_files(encoders, scenes, tiling, local, batch_size, progress, root,
+                                                       scene_extra)
         records += found
         parts.append(embeddings)
         skipped += report.skipped
@@ -296,7 +315,18 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, detect
     tiling = _tiling(tile_sizes, overlap, bands, stretch, min_valid)
     started = time.perf_counter()
     captions = [line.text for line in read_text_lines(text_bank, "captions")] if text_bank is not None else None
+    stac_files = [argument for argument in images if argument.suffix.lower() == ".json"]
+    scene_extra: dict[str, dict[str, Any]] = {}
+    if stac_files:
+        if tiling is None:
+            raise click.UsageError("a STAC file lists scenes: add --tile PX to index them")
+        scene_extra, unreadable_stac = _stac_scenes(stac_files)
+        images = tuple(argument for argument in images if argument not in stac_files)
     files, unreadable = _collect_images(images)
+    if stac_files:
+        files += [Path(path) for path in scene_extra]
+        unreadable += unreadable_stac
+        images = images + tuple(stac_files)
     if images and not files:
         suffixes = ", ".join(sorted(s.lstrip(".") for s in IMAGE_SUFFIXES))
         _report_skipped(unreadable)
@@ -309,7 +339,7 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, detect
         # From reading the index to replacing it, no other writer may save it: its edits would be lost.
         with exclusive_lock(output, timeout=lock_timeout, on_wait=lambda message: click.echo(message, err=True)):
             _run(encoders, files, unreadable, images, output, storage, batch_size, detections, local_file, captions,
-                 editing, removals, root, search, progress, detector, tiling)
+                 editing, removals, root, search, progress, detector, tiling, scene_extra)
     finally:
         if encoders is not None:
             encoders.close()
@@ -320,7 +350,8 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, detect
 def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], images: Sequence[Path], output: Path,
          storage: str | None, batch_size: int, detections: Path | None, local_file: Path | None,
          captions: list[str] | None, editing: bool, removals: list[str], root: Path | None, search: "SearchChoice",
-         progress: bool, detector: Path | None = None, tiling: Any = None) -> None:
+         progress: bool, detector: Path | None = None, tiling: Any = None,
+         scene_extra: dict[str, dict[str, Any]] | None = None) -> None:
     """Load or build the index, apply the edits and save it (the body of :func:`main`)."""
     index = None
     if editing:
@@ -337,7 +368,7 @@ def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], image
         image_root = _image_root(images, root, index)
         if tiling is not None:
             (records, embeddings, skipped), without = _encode_quietly(
-                _encode_with_scenes, encoders, files, tiling, local, batch_size, progress, image_root)
+                _encode_with_scenes, encoders, files, tiling, local, batch_size, progress, image_root, scene_extra)
             if index is None:
                 index = new_index(encoders, len(records), storage or "fp32", image_root, search.kind or "auto",
                                   search.settings)

@@ -14,7 +14,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -74,7 +74,7 @@ def _scene_detections(local: Any, path: Path) -> Any:
 
 
 def _tiles(paths: Sequence[Path], tiling: SceneTiling, root: Any, local: Any, batch_size: int,
-           report: SceneReport) -> Iterator[_Batch]:
+           report: SceneReport, scene_extra: Mapping[str, Mapping[str, Any]]) -> Iterator[_Batch]:
     """Batches of read tiles, scene after scene (runs on the reader thread)."""
     from galr.preprocess.detections import DetectionSet
 
@@ -89,7 +89,7 @@ def _tiles(paths: Sequence[Path], tiling: SceneTiling, root: Any, local: Any, ba
         with scene:
             report.scenes += 1
             whole = _scene_detections(local, path)
-            shared = {"scene": scene_name, **scene_metadata(scene)}
+            shared = {"scene": scene_name, **scene_metadata(scene), **scene_extra.get(os.path.abspath(path), {})}
             for size, window in tile_windows(scene.width, scene.height, tiling.tiles):
                 name = tile_id(scene_name, size, window)
                 try:
@@ -155,7 +155,9 @@ def prefetched(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 
 def encode_scene_files(encoders: Any, scene_paths: Sequence[str | os.PathLike], tiling: SceneTiling | None = None,
                        local: Any = None, batch_size: int = 32, progress: bool = True,
-                       root: str | os.PathLike | None = None) -> tuple[list[ImageRecord], np.ndarray, SceneReport]:
+                       root: str | os.PathLike | None = None,
+                       scene_extra: Mapping[str, Mapping[str, Any]] | None = None
+                       ) -> tuple[list[ImageRecord], np.ndarray, SceneReport]:
     """Tile scenes and encode every tile into records (with place) and embeddings.
 
     Args:
@@ -167,6 +169,8 @@ def encode_scene_files(encoders: Any, scene_paths: Sequence[str | os.PathLike], 
         batch_size: tiles per encoder call.
         progress: a tqdm bar of tiles on stderr.
         root: scene ids are paths relative to this folder.
+        scene_extra: absolute scene path -> what its tiles record besides the scene's own facts (a
+            STAC item's id and properties; they win over the file's tags).
 
     Returns:
         ``(records, embeddings, report)``; unreadable scenes and windows are in ``report.skipped``,
@@ -191,7 +195,8 @@ def encode_scene_files(encoders: Any, scene_paths: Sequence[str | os.PathLike], 
     parts: list[np.ndarray] = []
     detector = local if hasattr(local, "detect_one") else None
     with tqdm(total=total, unit="tile", desc="indexing scenes", disable=not progress, smoothing=0.1) as bar:
-        for batch in prefetched(_tiles(paths, tiling, root, None if detector else local, batch_size, report)):
+        for batch in prefetched(_tiles(paths, tiling, root, None if detector else local, batch_size, report,
+                                         {os.path.abspath(k): v for k, v in (scene_extra or {}).items()})):
             drea = detector if detector is not None else (batch.detections or None)
             embeddings = encoders.encode_images(batch.pixels, local=drea)
             parts.append(checked_vectors(embeddings, len(batch.records), encoders.embed_dim,

@@ -12,7 +12,8 @@ Routes (JSON unless said; OpenAPI at ``/docs``):
 ``GET /metrics``               Prometheus text: requests and latency per route, batch sizes,
                                queue depth, errors
 ``GET /v1/info``               model, backend, index size and kind, limits
-``POST /v1/search/text``       ``{"queries": [...], "top_k": 10, "rerank": true}`` -> results
+``POST /v1/search/text``       ``{"queries": [...], "top_k": 10, "rerank": true}`` -> results (optional
+                               ``"bbox": [W, S, E, N]``, ``"since"``/``"until"`` dates: tiles of that place and time)
 ``POST /v1/search/image``      an uploaded image -> nearest captions of the text bank and
                                nearest gallery images
 ``POST /v1/embed/text``        ``{"texts": [...]}`` -> float32 embeddings
@@ -47,6 +48,7 @@ from pydantic import BaseModel, Field
 
 from galr.config import RerankConfig
 from galr.errors import BusyError, GalrError, InputError, NotFoundError, UnavailableError
+from galr.geo.filters import PlaceFilter
 from galr.runtime.serve.batching import QueryBatcher
 from galr.runtime.serve.page import search_page
 from galr.runtime.serve.settings import ServeSettings
@@ -60,6 +62,10 @@ class TextSearchRequest(BaseModel):
     rerank: bool = Field(True, description="Multivariate rerank (needs the index's text bank).")
     nprobe: int | None = Field(None, ge=1, description="ivf/ivfpq indexes: lists scanned per query.")
     ef: int | None = Field(None, ge=1, description="hnsw indexes: search beam width.")
+    bbox: list[float] | None = Field(None, min_length=4, max_length=4,
+                                     description="Only tiles whose footprint meets [west, south, east, north] (WGS84).")
+    since: str | None = Field(None, description="Only tiles of scenes acquired on or after this date (YYYY-MM-DD).")
+    until: str | None = Field(None, description="Only tiles of scenes acquired on or before this date.")
 
 
 class EmbedTextRequest(BaseModel):
@@ -128,11 +134,13 @@ class Service:
 
         return Retriever(self.encoders, index, RerankConfig(), device=self.settings.device, search_params=search)
 
-    def search_text(self, queries: list[str], top_k: int, rerank: bool, search: dict[str, int]) -> list[Any]:
+    def search_text(self, queries: list[str], top_k: int, rerank: bool, search: dict[str, Any]) -> list[Any]:
         # One index for the whole batch, even if a reload swaps it meanwhile. Per-query notices
         # (unknown words, MR without a text bank) are not sent to clients.
+        search = dict(search)
+        where = search.pop("where", None)  # a PlaceFilter: requests batch together only with the same one
         retriever = self._retriever(self.retriever.index, search)
-        return quietly(retriever.search_text, queries, top_k=top_k, rerank=rerank)
+        return quietly(retriever.search_text, queries, top_k=top_k, rerank=rerank, where=where)
 
 
 def quietly(function: Any, *args: Any, **kwargs: Any) -> Any:
@@ -303,7 +311,11 @@ def create_app(settings: ServeSettings, *, encoders: Any = None, reload_on_sighu
         if body.top_k > settings.max_top_k:
             raise InputError(f"top_k is {body.top_k}; at most {settings.max_top_k}")
         queries = checked_queries(body.queries)
-        search = {name: value for name, value in (("nprobe", body.nprobe), ("ef", body.ef)) if value is not None}
+        search: dict[str, Any] = {name: value for name, value in (("nprobe", body.nprobe), ("ef", body.ef))
+                                  if value is not None}
+        where = PlaceFilter.from_text(",".join(map(str, body.bbox)) if body.bbox else None, body.since, body.until)
+        if where is not None:
+            search["where"] = where
         results = await timed(batcher.search(queries, body.top_k, body.rerank, search))
         return {"results": [_public(result) for result in results]}
 
@@ -360,11 +372,15 @@ def create_app(settings: ServeSettings, *, encoders: Any = None, reload_on_sighu
             raise NotFoundError(f"no image with id {id!r} in the index") from None
 
         def render() -> bytes:
+            from PIL import Image
+
             from galr.preprocess.image import load_image
+            from galr.runtime.index.scenes import read_record_pixels
 
             if not os.path.isfile(record.path):
                 raise NotFoundError(f"image {id!r} is indexed but its file is no longer on the server")
-            picture = load_image(record.path, svc.encoders.spec.image)
+            tile = read_record_pixels(record)  # a scene tile: its window only, never the whole scene
+            picture = Image.fromarray(tile) if tile is not None else load_image(record.path, svc.encoders.spec.image)
             picture.thumbnail((256, 256))
             out = io.BytesIO()
             picture.save(out, format="JPEG", quality=85)

@@ -32,7 +32,7 @@ class _Request:
 
 
 #: ``run(queries, top_k, rerank, search_params) -> results`` in query order (a blocking call).
-RunBatch = Callable[[list[str], int, bool, dict[str, int]], list[Any]]
+RunBatch = Callable[[list[str], int, bool, dict[str, Any]], list[Any]]
 
 
 class QueryBatcher:
@@ -80,7 +80,7 @@ class QueryBatcher:
         """Run another blocking call (embeddings, image search) on the same worker thread."""
         return asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
-    async def search(self, queries: Sequence[str], top_k: int, rerank: bool, search: dict[str, int]) -> list[Any]:
+    async def search(self, queries: Sequence[str], top_k: int, rerank: bool, search: dict[str, Any]) -> list[Any]:
         """The results of ``queries``, computed in a batch with other requests.
 
         Raises:
@@ -140,7 +140,7 @@ class QueryBatcher:
                     await self._answer(loop, members, rerank, dict(search))
 
     async def _answer(self, loop: asyncio.AbstractEventLoop, members: list[_Request], rerank: bool,
-                      search: dict[str, int]) -> None:
+                      search: dict[str, Any]) -> None:
         queries = [query for request in members for query in request.queries]
         self._on_batch(len(queries))
         try:
