@@ -34,7 +34,7 @@ from galr.console import GalrCommand
 from galr.errors import GateError, InputError, NotFoundError
 
 #: The sections in the order they run (the report orders them its own way).
-SECTIONS: tuple[str, ...] = ("limits", "rerank", "gallery", "encoders", "accuracy", "bounds", "serve")
+SECTIONS: tuple[str, ...] = ("limits", "rerank", "gallery", "encoders", "accuracy", "bounds", "serve", "geo")
 DEFAULT_OUTPUT = Path("bench/results.json")
 _BLAS_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -120,6 +120,7 @@ def _settings(options: BenchOptions, threads: int) -> dict[str, Any]:
     from galr.bench.bounds import BoundsSettings
     from galr.bench.encoders import EncoderBenchSettings
     from galr.bench.gallery import GallerySettings
+    from galr.bench.geo import GeoBenchSettings
     from galr.bench.harness import TimingSettings
     from galr.bench.limits import PeakSettings
     from galr.bench.rerank import RerankBenchSettings
@@ -135,6 +136,7 @@ def _settings(options: BenchOptions, threads: int) -> dict[str, Any]:
             "limits": PeakSettings(),
             "bounds": BoundsSettings(seed=seed),
             "serve": ServeBenchSettings(seed=seed),
+            "geo": GeoBenchSettings(seed=seed),
         }
     fast = TimingSettings(warmup=2, repeats=3, min_iterations=2, max_iterations=10, target_seconds=0.05)
     return {
@@ -149,6 +151,9 @@ def _settings(options: BenchOptions, threads: int) -> dict[str, Any]:
         "bounds": BoundsSettings(query_counts=(10, 100), text_bank=300, gallery=100, tiff_side=512, tiff_bands=16,
                                  png_side=1200, png_count=2, seed=seed),
         "serve": ServeBenchSettings(clients=(1, 4), requests_per_client=5, gallery=500, text_bank=50, seed=seed),
+        "geo": GeoBenchSettings(throughput_side=512, tile=64, batch=8, memory_sides=(256, 512),
+                                memory_locate_scales=(128, 256), locate_side=512, locate_scales=(64, 128),
+                                locate_queries=3, filter_gallery=5_000, filter_queries=3, seed=seed),
     }
 
 
@@ -195,6 +200,7 @@ def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[st
         tensorrt_unavailable_reason,
     )
     from galr.bench.gallery import run_gallery_benchmarks
+    from galr.bench.geo import run_geo_benchmarks
     from galr.bench.limits import attach_fractions, run_limits
     from galr.bench.report import render_markdown
     from galr.bench.rerank import run_rerank_benchmarks
@@ -222,7 +228,7 @@ def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[st
         sections["rerank"] = run_rerank_benchmarks(settings["rerank"], log)
     with tempfile.TemporaryDirectory(prefix="galr-bench-") as scratch:
         bench = None
-        if wanted & {"encoders", "gallery", "bounds", "serve"}:
+        if wanted & {"encoders", "gallery", "bounds", "serve", "geo"}:
             log("preparing the random-weight benchmark model and its bundle")
             bench = prepare_model(encoder_settings.config, Path(options.work_dir or scratch),
                                   fp16=tensorrt_unavailable_reason() is None,
@@ -235,6 +241,8 @@ def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[st
             sections["bounds"] = run_bounds_benchmarks(bench, settings["bounds"], log)
         if "serve" in wanted:
             sections["serve"] = run_serve_benchmarks(bench, settings["serve"], log)
+        if "geo" in wanted:
+            sections["geo"] = run_geo_benchmarks(bench, settings["geo"], log)
     if "accuracy" in wanted:
         chosen = _accuracy_paths(options)
         sections["accuracy"] = (run_accuracy(*chosen, log) if chosen is not None else harness.not_run(

@@ -39,7 +39,9 @@ from galr.errors import InputError, NotFoundError
 
 SCHEMA_NAME = "galr-bench"
 SCHEMA_VERSION = 1
-SECTION_NAMES: tuple[str, ...] = ("encoders", "gallery", "rerank", "accuracy", "limits", "bounds", "serve")
+SECTION_NAMES: tuple[str, ...] = ("encoders", "gallery", "rerank", "accuracy", "limits", "bounds", "serve", "geo")
+#: Sections added after result files were first written: an older file is read with them "not run".
+LATER_SECTIONS: frozenset[str] = frozenset({"geo"})
 STATUS_OK = "ok"
 STATUS_NOT_RUN = "not run"
 
@@ -377,7 +379,10 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
     if data.get("schema_version") != SCHEMA_VERSION:
         raise InputError(f"{path} has schema version {data.get('schema_version')}; this galr reads version "
                          f"{SCHEMA_VERSION}; rerun galr-bench")
-    missing = [name for name in SECTION_NAMES if name not in data.get("sections", {})]
+    sections = data.get("sections", {})
+    for name in LATER_SECTIONS - set(sections):
+        sections[name] = not_run("not in this result file (written before the section existed)")
+    missing = [name for name in SECTION_NAMES if name not in sections]
     if missing:
         raise InputError(f"{path} lacks the sections {missing}; rerun galr-bench")
     return data

@@ -446,6 +446,39 @@ def _serve(section: Mapping[str, Any]) -> str:
     ])
 
 
+def _geo(section: Mapping[str, Any]) -> str:
+    if section.get("status") != STATUS_OK:
+        return _not_run(section)
+    settings, throughput, located, filtered = (section["settings"], section["throughput"], section["locate"],
+                                               section["filter"])
+    memory_rows = [(f"{row['side']:,} x {row['side']:,}", _mib(row["index_peak_bytes"]), _number(row["index_s"]),
+                    _mib(row["locate_peak_bytes"]), _number(row["locate_s"])) for row in section["memory"]]
+    peaks = [row["index_peak_bytes"] for row in section["memory"] if row["index_peak_bytes"]]
+    spread = f" (largest / smallest index peak: x{max(peaks) / min(peaks):.2f})" if len(peaks) > 1 else ""
+    scales = ", ".join(map(str, settings["memory_locate_scales"]))
+    return "\n\n".join([
+        "Synthetic UTM scenes (`galr-synth --geo-scenes`), the benchmark's random-weight model on ONNX Runtime "
+        "FP32 (CPU).",
+        f"**Indexing throughput** ({throughput['tiles']} tiles of {settings['tile']} px from a "
+        f"{settings['throughput_side']:,} px scene, batch {settings['batch']}, best of two): scene indexing "
+        f"{_number(throughput['indexing_tiles_per_s'])} tiles/s, the encoder alone on the same tiles already in "
+        f"memory {_number(throughput['encoder_tiles_per_s'])} tiles/s: **{100 * throughput['share']:.0f} %** "
+        "(goal: at least 90 %).",
+        f"**Peak memory against scene size** (fresh processes; `galr-index --tile {settings['tile']}`, "
+        f"`galr-locate --scales {scales} --cell 32`){spread}:",
+        _table(("scene", "galr-index peak MiB", "s", "galr-locate peak MiB", "s"), memory_rows),
+        f"**galr-locate on a {settings['locate_side']:,} px scene** (scales "
+        f"{', '.join(map(str, settings['locate_scales']))}; {located['windows']:,} windows): first query "
+        f"{_number(located['first_query_s'])} s (window embeddings at {_number(located['windows_per_s'])} windows/s, "
+        f"then the map), each further query {_number(1e3 * located['further_query_s_p50'])} ms p50 "
+        "(embeddings from the cache, one matrix-vector product and the map).",
+        f"**Place and date filter** over {filtered['records']:,} tiles with footprints and dates (bbox and --since "
+        f"matching {filtered['matching']:,}): exact top-10 at batch 1 {_number(filtered['filtered_search_ms_p50'])} "
+        f"ms p50 with the filter applied inside the scan, {_number(filtered['search_ms_p50'])} ms without; the "
+        f"place arrays are built once per index edit ({_number(filtered['places_build_s'])} s).",
+    ])
+
+
 def _approximate(data: Mapping[str, Any] | None) -> str:
     if data is None:
         return ("_Not included in this run: make it with `python -m galr.bench.approximate --gallery gallery.gidx "
@@ -471,8 +504,9 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         ("5. Limits: how close to what the hardware allows", _limits),
         ("6. Memory bounds: many queries, large and hostile images", _bounds),
         ("8. Serving: galr-serve under concurrent clients", _serve),
+        ("9. Scenes: tiling, memory, semantic localisation, place filters", _geo),
     ]
-    names = ("encoders", "gallery", "rerank", "accuracy", "limits", "bounds", "serve")
+    names = ("encoders", "gallery", "rerank", "accuracy", "limits", "bounds", "serve", "geo")
     body = [f"## {title}\n\n{renderer(sections[name])}" for (title, renderer), name in zip(render, names, strict=True)]
     body.insert(6, f"## 7. Approximate search at scale\n\n{_approximate(results.get('approximate'))}")
     return "\n\n".join([

@@ -61,9 +61,11 @@ def scene_window_embeddings(encoders: Any, scene_path: str | os.PathLike, settin
 
     read = read or SceneReadSettings(min_valid_fraction=0.0)
     path = Path(scene_path)
+    size = encoders.spec.image.size
     with Scene.open(path, read) as scene:
         windows = selo_windows(scene.width, scene.height, settings.scales)
         key = {"scene": _scene_stamp(path), "scales": list(settings.scales), "model": encoders.model_hash,
+               "read_side": 2 * size,
                "bands": list(scene.bands), "stretch": list(read.stretch) if read.stretch else None,
                "detector": getattr(getattr(local, "path", None), "name", None)}
         cached_at = cache_path(Path(cache_dir), path, key) if cache_dir is not None else None
@@ -74,7 +76,8 @@ def scene_window_embeddings(encoders: Any, scene_path: str | os.PathLike, settin
 
         def batches() -> Iterator[list[np.ndarray]]:
             for start in range(0, len(windows), batch_size):
-                yield [scene.read_window(window)[0] for window in windows[start:start + batch_size]]
+                # Windows larger than twice the model's input are read decimated: the encoder shrinks them anyway.
+                yield [scene.read_window(window, max_side=2 * size)[0] for window in windows[start:start + batch_size]]
 
         parts = []
         with tqdm(total=len(windows), unit="window", desc=f"encoding {path.name}", disable=not progress) as bar, \

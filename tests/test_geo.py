@@ -405,3 +405,13 @@ def test_out_of_range_locate_settings_are_refused():
 def test_geo_fixture_path_is_a_real_geotiff(tmp_path):
     path = write_scene(tmp_path / "x.tif", gradient_scene(20, 20))
     assert Path(path).read_bytes()[:2] in (b"II", b"MM")
+
+
+def test_a_large_window_can_be_read_decimated(tmp_path):
+    data = gradient_scene(512, 512, 3, "uint8", seed=6)
+    with Scene.open(write_scene(tmp_path / "big.tif", data)) as scene:
+        small, valid = scene.read_window(PixelWindow(0, 0, 512, 512), max_side=128)
+        full, _ = scene.read_window(PixelWindow(0, 0, 512, 512))
+    assert small.shape == (128, 128, 3) and valid == 1.0
+    expected = full.reshape(128, 4, 128, 4, 3).mean(axis=(1, 3))
+    assert np.abs(small.astype(float) - expected).max() <= 1.0

@@ -177,6 +177,10 @@ class Scene:
             raise InputError(f"{path}: --bands {','.join(map(str, self.bands))} asks for band {max(self.bands)} but "
                              f"the scene has {self.count} band(s); choose bands from 1 to {self.count}")
         self.dtype = np.dtype(dataset.dtypes[self.bands[0] - 1])
+        from rasterio.enums import MaskFlags
+
+        # No nodata value, no mask, no alpha: every pixel is valid and the mask need not be read.
+        self._all_valid = all(flags == [MaskFlags.all_valid] for flags in dataset.mask_flag_enums)
         self.crs, self._to_wgs84 = self._usable_crs()
         self.datetime = _acquired(dataset.tags())
         self.gsd = self._gsd()
@@ -347,26 +351,45 @@ class Scene:
         np.nan_to_num(out, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
-    def read_window(self, window: PixelWindow, pad_to: int | None = None) -> tuple[np.ndarray, float]:
+    def read_window(self, window: PixelWindow, pad_to: int | None = None,
+                    max_side: int | None = None) -> tuple[np.ndarray, float]:
         """8-bit RGB pixels ``[h, w, 3]`` of ``window`` and the fraction of them that is valid.
 
         Parts of the window outside the scene (a scene smaller than a tile) are read as nodata, so
-        the result is ``pad_to`` x ``pad_to`` when given.
+        the result is ``pad_to`` x ``pad_to`` when given. A window longer than ``max_side`` is read
+        decimated (GDAL's average, from overviews when the file has them) to at most ``max_side``
+        pixels a side, so large windows cost what small ones do.
 
         Raises:
             SceneError: the window's bytes cannot be read (a truncated or corrupt file).
         """
+        from rasterio.enums import Resampling
         from rasterio.windows import Window
 
         width = max(window.width, pad_to or 0)
         height = max(window.height, pad_to or 0)
         box = Window(window.col, window.row, width, height)
+        shape = None
+        if max_side is not None and max(width, height) > max_side:
+            factor = max(width, height) / max_side
+            shape = (max(1, round(height / factor)), max(1, round(width / factor)))
+        # Boundless reads go through a virtual dataset (slow): only windows that leave the scene need them.
+        inside = window.col >= 0 and window.row >= 0 and window.col + width <= self.width \
+            and window.row + height <= self.height
+        options: dict[str, Any] = {"window": box} if inside else {"window": box, "boundless": True}
+        if shape is not None:
+            options["out_shape"] = shape
         try:
             with warnings.catch_warnings():
                 # rasterio 1.4's own boundless-read code still multiplies affines with `*`
                 warnings.simplefilter("ignore", PendingDeprecationWarning)
-                data = self._dataset.read(list(self.bands), window=box, boundless=True, fill_value=0)
-                mask = self._dataset.dataset_mask(window=box, boundless=True) > 0
+                read_shape = {"out_shape": (3, *shape), "resampling": Resampling.average} if shape else {}
+                data = self._dataset.read(list(self.bands), **{**options, **read_shape},
+                                          **({} if inside else {"fill_value": 0}))
+                if self._all_valid and inside:
+                    mask = np.ones(data.shape[1:], dtype=bool)
+                else:
+                    mask = self._dataset.dataset_mask(**options) > 0
         except Exception as exc:  # noqa: BLE001 - GDAL reports a bad block as an I/O error
             raise SceneError(f"{self.path}: window {window.as_list()} cannot be read ({_short(exc)})") from None
         pixels = self._to_uint8(data)

@@ -90,7 +90,9 @@ def _tiles(paths: Sequence[Path], tiling: SceneTiling, root: Any, local: Any, ba
             report.scenes += 1
             whole = _scene_detections(local, path)
             shared = {"scene": scene_name, **scene_metadata(scene), **scene_extra.get(os.path.abspath(path), {})}
-            for size, window in tile_windows(scene.width, scene.height, tiling.tiles):
+            windows = list(tile_windows(scene.width, scene.height, tiling.tiles))
+            places = tile_geo_fields(scene, [window for _, window in windows])
+            for (size, window), place in zip(windows, places):
                 name = tile_id(scene_name, size, window)
                 try:
                     pixels, valid = scene.read_window(window, pad_to=size)
@@ -102,7 +104,7 @@ def _tiles(paths: Sequence[Path], tiling: SceneTiling, root: Any, local: Any, ba
                     continue
                 report.tiles += 1
                 record = ImageRecord(name, os.path.abspath(path), pixels.shape[1], pixels.shape[0],
-                                     **tile_geo_fields(scene, window),
+                                     **place,
                                      extra={**shared, "window": window.as_list(), "tile": size})
                 batch.records.append(record)
                 batch.pixels.append(pixels)
