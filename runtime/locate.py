@@ -140,15 +140,26 @@ def write_heat_geotiff(path: Path, heat: np.ndarray, scene: Scene, cell: int) ->
     return path
 
 
-def overlay_picture(scene: Scene, heat: np.ndarray, side: int = 1024) -> Any:
-    """The scene's overview blended with the JET-coloured map (0.7 scene + 0.3 map, as the reference)."""
-    from PIL import Image
+def overlay_picture(scene: Scene, heat: np.ndarray, side: int = 1024, regions: Sequence[Region] = (),
+                    truth: Sequence[Sequence[Sequence[float]]] = ()) -> Any:
+    """The scene's overview blended with the JET-coloured map (0.7 scene + 0.3 map, as the reference),
+    the strongest ``regions`` outlined in red (rank 1 thicker) and ground-truth polygons in white."""
+    from PIL import Image, ImageDraw
 
     from galr.geo.selo import jet
 
     overview = Image.fromarray(scene.overview(side))
     coloured = Image.fromarray(jet(heat)).resize(overview.size, Image.Resampling.BILINEAR)
-    return Image.blend(overview, coloured, 0.3)
+    picture = Image.blend(overview, coloured, 0.3)
+    factor = picture.width / scene.width
+    draw = ImageDraw.Draw(picture)
+    for points in truth:
+        draw.polygon([(x * factor, y * factor) for x, y in points], outline=(255, 255, 255), width=3)
+    for rank, region in reversed(list(enumerate(regions, start=1))):
+        w = region.window
+        draw.rectangle([w.col * factor, w.row * factor, (w.col + w.width) * factor, (w.row + w.height) * factor],
+                       outline=(230, 30, 30), width=4 if rank == 1 else 2)
+    return picture
 
 
 def region_features(regions: Sequence[Region], scene: Scene, query: str) -> list[dict[str, Any]]:

@@ -390,9 +390,10 @@ def test_synthetic_geo_scenes_carry_a_crs_a_date_and_selo_annotations(tmp_path):
             assert scene.crs_name == "EPSG:32633" and scene.datetime == "2024-05-01T10:30:00"
             regions = samples[0]["points"]
             x0, y0 = regions[0][0]
-            first = scene.read_window(PixelWindow(x0, y0, 128, 128))[0]
+            assert regions[0][2] == [x0 + 256, y0 + 256]  # a target spans 2 x 2 chips
+            first = scene.read_window(PixelWindow(x0, y0, 256, 256))[0]
             x1, y1 = regions[1][0]
-            np.testing.assert_array_equal(first, scene.read_window(PixelWindow(x1, y1, 128, 128))[0])
+            np.testing.assert_array_equal(first, scene.read_window(PixelWindow(x1, y1, 256, 256))[0])
 
 
 def test_out_of_range_locate_settings_are_refused():

@@ -264,3 +264,12 @@ def test_the_service_filters_by_place_and_date_and_serves_tile_thumbnails(site):
         assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
     finally:
         client.__exit__(None, None, None)
+
+
+def test_an_all_nodata_scene_indexes_nothing_and_says_so(site, tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    write_scene(folder / "empty.tif", np.zeros((3, 200, 200), np.uint8), nodata=0)
+    output = tmp_path / "empty.gidx"
+    result = _invoke(index_main, "--no-progress", folder, "--engine", site["bundle"], "--tile", "64", "-o", output)
+    assert result.exit_code == NothingDoneError.exit_code and "nodata" in result.output and not output.exists()

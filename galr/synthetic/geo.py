@@ -32,8 +32,10 @@ class GeoSceneConfig:
 
     Attributes:
         scenes: how many scenes.
-        size: scene side in pixels (a multiple of ``chip``).
-        chip: side of each synthetic chip in pixels.
+        size: scene side in pixels (a multiple of ``chip * target_chips``).
+        chip: side of each synthetic background chip in pixels.
+        target_chips: side of a planted target in chips (2: a 512 px target among 256 px chips, about the
+            size of the SeLo windows and of AIR-SLT's regions relative to their scenes).
         queries: annotated queries per scene.
         placements: where each query's content is planted (its ground-truth regions).
         gsd: metres per pixel.
@@ -46,6 +48,7 @@ class GeoSceneConfig:
     scenes: int = 2
     size: int = 4096
     chip: int = 256
+    target_chips: int = 2
     queries: int = 3
     placements: int = 2
     gsd: float = 0.5
@@ -55,20 +58,21 @@ class GeoSceneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.chip < 32 or self.size < self.chip or self.size % self.chip:
-            raise InputError(f"size ({self.size}) must be a multiple of chip ({self.chip}), chip at least 32")
-        cells = (self.size // self.chip) ** 2
-        if self.scenes < 1 or self.queries < 1 or self.placements < 1 or self.queries * self.placements > cells:
-            raise InputError(f"need scenes, queries and placements >= 1 and queries x placements <= {cells} chips")
+        block = self.chip * self.target_chips
+        if self.chip < 32 or self.target_chips < 1 or self.size < block or self.size % block:
+            raise InputError(f"size ({self.size}) must be a multiple of chip x target_chips ({block}), chip at least 32")
+        blocks = (self.size // block) ** 2
+        if self.scenes < 1 or self.queries < 1 or self.placements < 1 or self.queries * self.placements > blocks:
+            raise InputError(f"need scenes, queries and placements >= 1 and queries x placements <= {blocks} targets")
 
 
 def _plant(rng: np.random.Generator, config: GeoSceneConfig) -> tuple[list[Any], dict[int, int]]:
-    """The planted specs and which cell shows which of them."""
-    cells = (config.size // config.chip) ** 2
+    """The planted specs and which target block shows which of them."""
+    blocks = (config.size // (config.chip * config.target_chips)) ** 2
     specs = [sample_scene(rng, SceneConfig(salient_groups=(2, 3), distractor_groups=(0, 0)))
              for _ in range(config.queries)]
-    chosen = rng.choice(cells, size=config.queries * config.placements, replace=False)
-    planted = {int(cell): number // config.placements for number, cell in enumerate(chosen)}
+    chosen = rng.choice(blocks, size=config.queries * config.placements, replace=False)
+    planted = {int(block): number // config.placements for number, block in enumerate(chosen)}
     return specs, planted
 
 
@@ -89,7 +93,9 @@ def generate_geo_scenes(root: str | Path, config: GeoSceneConfig | None = None, 
         for number in range(config.scenes):
             name = f"geo_scene_{number:02d}.tif"
             specs, planted = _plant(rng, config)
-            planted_pictures = [np.asarray(render_scene(spec, config.chip)) for spec in specs]
+            target = config.chip * config.target_chips
+            blocks_per_side = config.size // target
+            planted_pictures = [np.asarray(render_scene(spec, target)) for spec in specs]
             east = config.origin[0] + number * config.size * config.gsd * 1.25
             profile = {"driver": "GTiff", "width": config.size, "height": config.size, "count": 3, "dtype": "uint8",
                        "crs": config.crs, "transform": from_origin(east, config.origin[1], config.gsd, config.gsd),
@@ -99,9 +105,12 @@ def generate_geo_scenes(root: str | Path, config: GeoSceneConfig | None = None, 
                 for row in range(per_side):
                     strip = np.zeros((config.chip, config.size, 3), np.uint8)
                     for col in range(per_side):
-                        cell = row * per_side + col
-                        if cell in planted:
-                            picture = planted_pictures[planted[cell]]
+                        block_row, block_col = row // config.target_chips, col // config.target_chips
+                        block = block_row * blocks_per_side + block_col
+                        if block in planted:  # this chip's share of the planted target
+                            y0 = (row % config.target_chips) * config.chip
+                            x0 = (col % config.target_chips) * config.chip
+                            picture = planted_pictures[planted[block]][y0:y0 + config.chip, x0:x0 + config.chip]
                         else:
                             picture = np.asarray(render_scene(sample_scene(rng), config.chip))
                         strip[:, col * config.chip:(col + 1) * config.chip] = picture
@@ -109,13 +118,12 @@ def generate_geo_scenes(root: str | Path, config: GeoSceneConfig | None = None, 
                     window = rasterio.windows.Window(0, row * config.chip, config.size, config.chip)
                     dataset.write(strip.transpose(2, 0, 1), window=window)
             for query, spec in enumerate(specs):
-                cells = [cell for cell, which in planted.items() if which == query]
                 regions = []
-                for cell in cells:
-                    x0, y0 = (cell % per_side) * config.chip, (cell // per_side) * config.chip
-                    x1, y1 = x0 + config.chip, y0 + config.chip
+                for block in (block for block, which in planted.items() if which == query):
+                    x0, y0 = (block % blocks_per_side) * target, (block // blocks_per_side) * target
+                    x1, y1 = x0 + target, y0 + target
                     regions.append([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
-                caption = generate_captions(spec, rng, 1)[0]
+                caption = generate_captions(spec, rng, 1, specificity=1.0)[0]
                 annotations.append({"caption": caption, "jpg_name": name, "points": regions})
     path = root / "anno.json"
     write_text_atomically(path, json.dumps(annotations, indent=1) + "\n")

@@ -389,7 +389,8 @@ def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], image
         skipped = unreadable + skipped
         _report_skipped(skipped)
         if indexed == 0:
-            raise NothingDoneError(f"none of the {len(files)} images could be indexed; nothing written")
+            raise NothingDoneError(f"none of the {len(files)} images or scenes gave anything to index (unreadable, "
+                                   "or scenes of nodata only); nothing written")
         if local is None:
             click.echo("note: no --detections, --local or --detector given, so every image uses the no-detection fallback "
                        "(all-zero local features)")

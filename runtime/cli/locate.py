@@ -4,7 +4,8 @@ For each scene and query it writes, into ``--output``:
 
 * ``<scene>.<query>.heat.tif``: the map (float32 in [0, 1]) on the scene's georeference, one pixel
   per ``--cell`` scene pixels;
-* ``<scene>.<query>.overlay.png``: the map over the scene's overview (JET colours, 0.3 opacity);
+* ``<scene>.<query>.overlay.png``: the map over the scene's overview (JET colours, 0.3 opacity), the
+  strongest regions outlined in red and, with ``--annotations``, the ground truth in white;
 * ``<scene>.<query>.regions.geojson``: the strongest regions as WGS84 polygons;
 * ``locate.json``: every output, the regions and timings (and the SeLo metrics with ``--annotations``).
 
@@ -138,7 +139,8 @@ def main(scenes, bundle, query_texts, query_file, annotations, output, scales, c
                 for number, result in enumerate(results):
                     stem = f"{scene_path.stem}.{_slug(result.query)}"
                     heat_path = write_heat_geotiff(output / f"{stem}.heat.tif", result.heat, scene, cell)
-                    overlay = overlay_picture(scene, result.heat)
+                    truth = scene_samples[number]["points"] if scene_samples is not None else ()
+                    overlay = overlay_picture(scene, result.heat, regions=result.regions, truth=truth)
                     import io
 
                     buffer = io.BytesIO()
