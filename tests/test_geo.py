@@ -416,3 +416,29 @@ def test_a_large_window_can_be_read_decimated(tmp_path):
     assert small.shape == (128, 128, 3) and valid == 1.0
     expected = full.reshape(128, 4, 128, 4, 3).mean(axis=(1, 3))
     assert np.abs(small.astype(float) - expected).max() <= 1.0
+
+
+def test_geojson_detections_in_map_coordinates_land_on_scene_pixels(tmp_path):
+    from galr.geo.detections import read_geojson_detections
+
+    path = write_scene(tmp_path / "g.tif", gradient_scene(400, 400), gsd=0.5)
+    with Scene.open(path) as scene:
+        x0, y0 = 500_000.0 + 50 * 0.5, 4_983_000.0 - 100 * 0.5  # pixel (50, 100) in UTM metres
+        box = [[x0, y0], [x0 + 20, y0], [x0 + 20, y0 - 10], [x0, y0 - 10], [x0, y0]]
+        lons, lats = scene.lonlat([60, 140, 140, 60], [200, 200, 260, 260])
+        document = {"type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": "EPSG:32633"}},
+                    "features": [{"type": "Feature", "properties": {"label": "plane", "score": 0.9},
+                                  "geometry": {"type": "Polygon", "coordinates": [box]}}]}
+        (tmp_path / "utm.geojson").write_text(json.dumps(document))
+        found = read_geojson_detections(tmp_path / "utm.geojson", scene)
+        assert found.detections[0].box == pytest.approx((50, 100, 90, 120), abs=1e-6)
+        wgs84 = {"type": "FeatureCollection", "features": [
+            {"type": "Feature", "properties": {"class": "ship"},
+             "geometry": {"type": "Polygon", "coordinates": [[*zip(lons, lats), (lons[0], lats[0])]]}}]}
+        (tmp_path / "wgs.geojson").write_text(json.dumps(wgs84))
+        ship = read_geojson_detections(tmp_path / "wgs.geojson", scene).detections[0]
+        assert ship.label == "ship" and ship.box == pytest.approx((60, 200, 140, 260), abs=1e-3)
+        (tmp_path / "bad.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+            {"type": "Feature", "properties": {}, "geometry": {"type": "Point", "coordinates": [15, 45]}}]}))
+        with pytest.raises(InputError, match="Polygon geometry and a 'label'"):
+            read_geojson_detections(tmp_path / "bad.geojson", scene)

@@ -273,3 +273,35 @@ def test_an_all_nodata_scene_indexes_nothing_and_says_so(site, tmp_path):
     output = tmp_path / "empty.gidx"
     result = _invoke(index_main, "--no-progress", folder, "--engine", site["bundle"], "--tile", "64", "-o", output)
     assert result.exit_code == NothingDoneError.exit_code and "nodata" in result.output and not output.exists()
+
+
+def test_scene_detections_in_geojson_reach_the_tiles_that_hold_them(site, tmp_path):
+    from galr.geo import Scene, TileSettings
+    from galr.runtime.encoders import load_engine
+    from galr.runtime.index.scenes import SceneTiling, encode_scene_files
+
+    scene = site["scenes"] / "dated.tif"
+    detections = tmp_path / "dets"
+    detections.mkdir()
+    with Scene.open(scene) as opened:
+        lons, lats = opened.lonlat([10, 40, 40, 10], [10, 10, 30, 30])
+    (detections / "dated.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"label": "plane"},
+         "geometry": {"type": "Polygon", "coordinates": [[*zip(lons, lats), (lons[0], lats[0])]]}}]}))
+
+    class Spy:
+        def __init__(self, engine):
+            self.engine, self.sets = engine, []
+            self.embed_dim = engine.embed_dim
+
+        def encode_images(self, images, local=None):
+            self.sets += list(local)
+            return self.engine.encode_images(images, local=local)
+
+    with load_engine(site["bundle"]) as engine:
+        spy = Spy(engine)
+        records, _, report = encode_scene_files(spy, [scene], SceneTiling(TileSettings((64,))), local=detections,
+                                                progress=False, root=site["scenes"])
+    holding = [r.id for r, found in zip(records, spy.sets) if len(found)]
+    assert holding == ["dated.tif@64:0,0"] and spy.sets[0].detections[0].box == pytest.approx((10, 10, 40, 30), abs=1e-3)
+    assert report.tiles == len(records) == len(spy.sets)

@@ -286,6 +286,25 @@ class Scene:
         lon, lat = self._to_wgs84(list(xs), list(ys))
         return [float(v) for v in lon], [float(v) for v in lat]
 
+    def to_pixels(self, xs: Sequence[float], ys: Sequence[float], crs: str = "EPSG:4326"
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """Map coordinates in ``crs`` -> scene pixel columns and rows (fractional).
+
+        Raises:
+            InputError: the scene has no usable georeference, or ``crs`` is unknown.
+        """
+        if self.crs is None:
+            raise InputError(f"{self.path} has no usable georeference; map coordinates cannot be placed on it")
+        from rasterio.warp import transform as warp_transform
+
+        try:
+            xs, ys = warp_transform(crs, self.crs, list(xs), list(ys))
+        except Exception as exc:  # noqa: BLE001 - pyproj/GDAL errors for an unknown CRS
+            raise InputError(f"cannot convert coordinates from {crs!r} to the scene's CRS ({_short(exc)})") from None
+        inverse = ~self._dataset.transform
+        cols, rows = zip(*(inverse @ (x, y) for x, y in zip(xs, ys))) if len(xs) else ((), ())
+        return np.asarray(cols, float), np.asarray(rows, float)
+
     def footprint(self, window: PixelWindow) -> tuple[tuple[float, float], ...] | None:
         """The window's outline in WGS84 ``(lon, lat)``, closed (first point repeated); ``None`` without georeference."""
         if self._to_wgs84 is None:

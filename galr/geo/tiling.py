@@ -116,7 +116,8 @@ def scene_metadata(scene: Scene) -> dict[str, Any]:
 
 
 
-def clip_detections(detections: "DetectionSet", window: PixelWindow, size: tuple[int, int]) -> "DetectionSet":
+def clip_detections(detections: "DetectionSet", window: PixelWindow, size: tuple[int, int],
+                    image: str | None = None) -> "DetectionSet":
     """The detections of a whole scene that belong to one tile, in the tile's pixel coordinates.
 
     A detection belongs to the tile that holds its box centre (overlapping tiles may both hold it);
@@ -127,6 +128,7 @@ def clip_detections(detections: "DetectionSet", window: PixelWindow, size: tuple
         detections: the scene's detections in scene pixel coordinates.
         window: the tile's window.
         size: ``(width, height)`` of the tile as read (larger than the window when padded).
+        image: what messages call the tile (its index id); the scene's name by default.
     """
     from galr.preprocess.detections import Detection, DetectionSet
 
@@ -142,7 +144,8 @@ def clip_detections(detections: "DetectionSet", window: PixelWindow, size: tuple
         polygon = None if detection.polygon is None else tuple(
             (x - window.col, y - window.row) for x, y in detection.polygon)
         kept.append(Detection(detection.label, detection.score, box, polygon))
-    return DetectionSet(tuple(kept), width, height, f"{detections.source} {window.as_list()}", detections.image)
+    return DetectionSet(tuple(kept), width, height, f"{detections.source} {window.as_list()}",
+                        image or detections.image)
 
 __all__ = ["TileSettings", "axis_starts", "clip_detections", "count_tiles", "parse_tile_sizes", "scene_metadata", "tile_geo_fields",
            "tile_id", "tile_windows"]

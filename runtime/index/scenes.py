@@ -63,12 +63,18 @@ class _Batch:
     detections: list[Any]
 
 
-def _scene_detections(local: Any, path: Path) -> Any:
-    """The whole-scene detections for ``path`` from a detections folder (``None`` when it has none)."""
+def _scene_detections(local: Any, path: Path, scene: Scene) -> Any:
+    """The whole-scene detections for ``path`` from a detections folder (``None`` when it has none):
+    ``<stem>.geojson`` in map coordinates first, else ``<stem>.json``/``.txt`` in scene pixels."""
     if not isinstance(local, (str, os.PathLike)):
         return None
     from galr.preprocess.detections import find_detection_file, read_detections
 
+    geojson = Path(local) / f"{path.stem}.geojson"
+    if geojson.is_file():
+        from galr.geo.detections import read_geojson_detections
+
+        return read_geojson_detections(geojson, scene)
     found = find_detection_file(local, path)
     return read_detections(found) if found is not None else None
 
@@ -88,7 +94,11 @@ def _tiles(paths: Sequence[Path], tiling: SceneTiling, root: Any, local: Any, ba
             continue
         with scene:
             report.scenes += 1
-            whole = _scene_detections(local, path)
+            try:
+                whole = _scene_detections(local, path, scene)
+            except InputError as exc:  # a bad detections file loses its scene, not the run
+                report.skipped.append(SkippedImage(str(path), f"detections: {exc}"))
+                continue
             shared = {"scene": scene_name, **scene_metadata(scene), **scene_extra.get(os.path.abspath(path), {})}
             windows = list(tile_windows(scene.width, scene.height, tiling.tiles))
             places = tile_geo_fields(scene, [window for _, window in windows])
@@ -109,7 +119,7 @@ def _tiles(paths: Sequence[Path], tiling: SceneTiling, root: Any, local: Any, ba
                 batch.records.append(record)
                 batch.pixels.append(pixels)
                 if whole is not None:
-                    batch.detections.append(clip_detections(whole, window, (pixels.shape[1], pixels.shape[0])))
+                    batch.detections.append(clip_detections(whole, window, (pixels.shape[1], pixels.shape[0]), name))
                 elif isinstance(local, (str, os.PathLike)):
                     batch.detections.append(DetectionSet((), pixels.shape[1], pixels.shape[0], name))
                 if len(batch.records) == batch_size:
