@@ -123,7 +123,7 @@ def test_json_errors_name_file_and_entry(tmp_path, text, message):
 def test_unknown_suffix_and_missing_file(tmp_path):
     path = tmp_path / "dets.xml"
     path.write_text("<x/>", encoding="utf-8")
-    with pytest.raises(DetectionFormatError, match="DOTA-style .txt or a .json"):
+    with pytest.raises(DetectionFormatError, match="DOTA-style .txt, a .json or a .csv"):
         read_detections(path)
     with pytest.raises(FileNotFoundError, match="nope.json"):
         read_detections(tmp_path / "nope.json")
@@ -148,3 +148,27 @@ def test_find_detection_file_prefers_json(tmp_path):
     assert find_detection_file(tmp_path, "boat_1.tif") is None
     with pytest.raises(NotADirectoryError, match="missing"):
         find_detection_file(tmp_path / "missing", "boat_0.tif")
+
+
+def test_csv_detections_with_boxes_or_corners_and_clear_errors(tmp_path):
+    from galr.preprocess.detections import DetectionFormatError, find_detection_file, read_detections
+
+    corners = tmp_path / "a.csv"
+    corners.write_text("label,score,x1,y1,x2,y2,x3,y3,x4,y4,extra\nplane,0.91,10,12,40,12,40,30,10,30,x\n"
+                       "ship,,1,1,3,1,3,2,1,2,\n")
+    found = read_detections(corners)
+    assert [d.label for d in found.detections] == ["plane", "ship"]
+    assert found.detections[0].box == (10, 12, 40, 30) and found.detections[0].polygon[2] == (40, 30)
+    assert found.detections[1].score == 1.0
+    boxes = tmp_path / "b.csv"
+    boxes.write_text("Label, x_min, y_min, x_max, y_max\ntank,5,6,7,8\n")
+    assert read_detections(boxes).detections[0].box == (5, 6, 7, 8)
+    assert find_detection_file(tmp_path, "images/b.png") == boxes
+    bad = tmp_path / "c.csv"
+    bad.write_text("label,x,y\nplane,1,2\n")
+    with pytest.raises(DetectionFormatError, match="header must name"):
+        read_detections(bad)
+    broken = tmp_path / "d.csv"
+    broken.write_text("label,x_min,y_min,x_max,y_max\nplane,1,2,oops,4\n")
+    with pytest.raises(DetectionFormatError, match="d.csv:2"):
+        read_detections(broken)

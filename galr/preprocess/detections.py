@@ -18,6 +18,14 @@ bounds. ``difficult`` may be omitted when no score follows; ``score`` defaults t
 
 An entry gives ``box``, ``polygon`` or both; ``score`` defaults to 1.0; other keys are ignored.
 ``image``, ``width`` and ``height`` are optional, and a bare list of entries is also accepted.
+
+**CSV** (``.csv``), one object per row under a header naming the columns: ``label``, optional
+``score``, and either ``x_min,y_min,x_max,y_max`` (a box) or ``x1,y1,x2,y2,x3,y3,x4,y4`` (an
+oriented box); other columns are ignored::
+
+    label,score,x1,y1,x2,y2,x3,y3,x4,y4
+    plane,0.91,10,12,40,12,40,30,10,30
+
 Labels are kept as written; :func:`normalize_label` maps spellings to one form.
 """
 
@@ -224,8 +232,38 @@ def _read_json(path: Path) -> DetectionSet:
         raise DetectionFormatError(f"{path}: {exc}") from exc
 
 
+_CSV_BOX = ("x_min", "y_min", "x_max", "y_max")
+_CSV_CORNERS = ("x1", "y1", "x2", "y2", "x3", "y3", "x4", "y4")
+
+
+def _read_csv(path: Path) -> DetectionSet:
+    import csv
+
+    with path.open("r", encoding="utf-8-sig", newline="") as handle:
+        rows = csv.DictReader(handle)
+        columns = {name.strip().lower() for name in rows.fieldnames or ()}
+        corners = set(_CSV_CORNERS) <= columns
+        if "label" not in columns or not (corners or set(_CSV_BOX) <= columns):
+            raise DetectionFormatError(f"{path}: the header must name 'label' and either {','.join(_CSV_BOX)} or "
+                                       f"{','.join(_CSV_CORNERS)} (got {sorted(columns)})")
+        detections = []
+        for line_number, row in enumerate(rows, start=2):
+            row = {key.strip().lower(): (value or "").strip() for key, value in row.items() if key}
+            try:
+                score = float(row["score"]) if row.get("score") else 1.0
+                if corners:
+                    values = [float(row[name]) for name in _CSV_CORNERS]
+                    detections.append(Detection.from_polygon(row["label"], score,
+                                                             [(values[i], values[i + 1]) for i in range(0, 8, 2)]))
+                else:
+                    detections.append(Detection(row["label"], score, tuple(float(row[name]) for name in _CSV_BOX)))
+            except (ValueError, TypeError) as exc:
+                raise DetectionFormatError(f"{path}:{line_number}: {exc}") from exc
+    return DetectionSet(tuple(detections), source=str(path))
+
+
 def read_detections(path: str | os.PathLike) -> DetectionSet:
-    """Read a DOTA-style ``.txt`` or a ``.json`` detection file (formats in the module docstring).
+    """Read a DOTA-style ``.txt``, a ``.json`` or a ``.csv`` detection file (formats in the module docstring).
 
     Args:
         path: the detection file; the format is chosen by its suffix.
@@ -245,7 +283,10 @@ def read_detections(path: str | os.PathLike) -> DetectionSet:
         return _read_dota(path)
     if suffix == ".json":
         return _read_json(path)
-    raise DetectionFormatError(f"{path}: unknown detection format {suffix!r}; use a DOTA-style .txt or a .json file")
+    if suffix == ".csv":
+        return _read_csv(path)
+    raise DetectionFormatError(f"{path}: unknown detection format {suffix!r}; use a DOTA-style .txt, a .json or a "
+                               ".csv file")
 
 
 def write_detections_json(path: str | os.PathLike, detections: DetectionSet) -> Path:
@@ -278,14 +319,14 @@ def write_detections_json(path: str | os.PathLike, detections: DetectionSet) -> 
 
 
 def find_detection_file(directory: str | os.PathLike, image_path: str | os.PathLike) -> Path | None:
-    """The detection file for an image: same stem, ``.json`` preferred over ``.txt``.
+    """The detection file for an image: same stem, ``.json`` preferred over ``.txt``, then ``.csv``.
 
     Args:
         directory: folder holding detection files.
         image_path: the image file (only its stem is used: ``a/boat_0.tif`` -> ``boat_0``).
 
     Returns:
-        Path | None: ``directory/<stem>.json`` or ``directory/<stem>.txt``, or None when neither exists.
+        Path | None: ``directory/<stem>.json``, ``.txt`` or ``.csv``, or None when none exists.
 
     Raises:
         NotADirectoryError: ``directory`` is not a folder (a typo would otherwise look like "no detections").
@@ -294,7 +335,7 @@ def find_detection_file(directory: str | os.PathLike, image_path: str | os.PathL
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder}: detection directory does not exist")
     stem = Path(image_path).stem
-    for suffix in (".json", ".txt"):
+    for suffix in (".json", ".txt", ".csv"):
         candidate = folder / f"{stem}{suffix}"
         if candidate.is_file():
             return candidate
