@@ -81,7 +81,36 @@ def run_accuracy(checkpoint: Path, dataset: Path, log: Log) -> dict[str, Any]:
         rows.append(_metrics_row(PRECISION_LABELS[precision], entry["metrics"], entry.get("metrics_rerank")))
     return {"status": STATUS_OK, "checkpoint": str(checkpoint), "dataset": str(dataset), "split": "test",
             "inputs": report.inputs, "calibration_method": settings.calibration_method, "rows": rows,
-            "seconds": round(elapsed(), 1)}
+            "drea_inputs": drea_input_rows(Path(checkpoint), Path(dataset), log), "seconds": round(elapsed(), 1)}
 
 
-__all__ = ["GATE_WIDE_OPEN", "run_accuracy"]
+#: What a detector is worth: the DREA input sources compared (folder under the dataset, or None = no detections).
+DREA_SOURCES: tuple[tuple[str, str | None], ...] = (
+    ("ground-truth boxes (detections_gt)", "detections_gt"),
+    ("noisy synthetic detector (detections)", "detections"),
+    ("no detections (all-zero DREA input)", None),
+)
+
+
+def drea_input_rows(checkpoint: Path, dataset: Path, log: Log) -> list[dict[str, Any]]:
+    """The checkpoint scored on the test split with each DREA source of :data:`DREA_SOURCES` (PyTorch, CPU)."""
+    if importlib.util.find_spec("galr.torch_encoder") is None:
+        return []
+    from galr.torch_encoder import evaluate_checkpoint
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="galr-bench-nodets-") as empty:
+        for label, folder in DREA_SOURCES:
+            source = Path(empty) if folder is None else dataset / folder
+            if not source.is_dir():
+                rows.append({"model": label, **not_run(f"no {source}")})
+                continue
+            log(f"scoring {checkpoint} with DREA input: {label}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the no-detection fallback warns once per image
+                report = evaluate_checkpoint(checkpoint, dataset, "test", detections_dir=source, device="cpu")
+            rows.append(_metrics_row(label, report["metrics"], report["metrics_rerank"]))
+    return rows
+
+
+__all__ = ["DREA_SOURCES", "GATE_WIDE_OPEN", "drea_input_rows", "run_accuracy"]

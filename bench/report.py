@@ -276,11 +276,18 @@ def _accuracy(section: Mapping[str, Any]) -> str:
         for label, metrics in (("no", row["metrics"]), ("yes", row.get("metrics_rerank"))):
             if metrics:
                 rows.append((row["model"], label, *[f"{metrics[key]:.2f}" for key, _ in _METRIC_COLUMNS]))
-    return "\n\n".join([
+    parts = [
         f"Trained model `{section['checkpoint']}` on `{section['dataset']}` [{section['split']}]; ONNX rows from a "
         f"real `export_bundle` (INT8 calibrated with `{section['calibration_method']}` on the train split).",
         _table(("model", "MR", *[title for _, title in _METRIC_COLUMNS]), rows),
-    ])
+    ]
+    drea = [(row["model"], f"{row['metrics']['mean_recall']:.2f}", f"{row['metrics_rerank']['mean_recall']:.2f}")
+            for row in section.get("drea_inputs", []) if row.get("status") == STATUS_OK]
+    if drea:
+        parts += ["**What detections are worth** (the same model, PyTorch FP32, DREA input from each source; the "
+                  "model was trained with the noisy detector's boxes):",
+                  _table(("DREA input", "mR", "mR with MR"), drea)]
+    return "\n\n".join(parts)
 
 
 def _closeness(share: float) -> str:

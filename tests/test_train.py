@@ -272,3 +272,13 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             resolve_device("cuda")
+
+
+def test_the_detection_sources_table_scores_each_source_and_differs_without_detections(trained, tiny_benchmark):
+    from galr.bench.accuracy import DREA_SOURCES, drea_input_rows
+
+    rows = drea_input_rows(trained.checkpoint, tiny_benchmark, log=lambda _: None)
+    assert [row["model"] for row in rows] == [label for label, _ in DREA_SOURCES]
+    assert all(row["status"] == "ok" and 0 <= row["metrics"]["mean_recall"] <= 100 for row in rows)
+    with_boxes, without = rows[0]["metrics"], rows[2]["metrics"]
+    assert with_boxes != without  # the local branch sees the detections
