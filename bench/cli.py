@@ -34,7 +34,7 @@ from galr.console import GalrCommand
 from galr.errors import GateError, InputError, NotFoundError
 
 #: The sections in the order they run (the report orders them its own way).
-SECTIONS: tuple[str, ...] = ("limits", "rerank", "gallery", "encoders", "accuracy", "bounds", "serve", "geo")
+SECTIONS: tuple[str, ...] = ("limits", "rerank", "gallery", "encoders", "accuracy", "bounds", "serve", "geo", "detector")
 DEFAULT_OUTPUT = Path("bench/results.json")
 _BLAS_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -118,6 +118,7 @@ class BenchOptions:
 def _settings(options: BenchOptions, threads: int) -> dict[str, Any]:
     """Per-section settings of the mode, built on first use (the bench modules import numpy)."""
     from galr.bench.bounds import BoundsSettings
+    from galr.bench.detector import DetectorBenchSettings
     from galr.bench.encoders import EncoderBenchSettings
     from galr.bench.gallery import GallerySettings
     from galr.bench.geo import GeoBenchSettings
@@ -137,6 +138,7 @@ def _settings(options: BenchOptions, threads: int) -> dict[str, Any]:
             "bounds": BoundsSettings(seed=seed),
             "serve": ServeBenchSettings(seed=seed),
             "geo": GeoBenchSettings(seed=seed),
+            "detector": DetectorBenchSettings(seed=seed),
         }
     fast = TimingSettings(warmup=2, repeats=3, min_iterations=2, max_iterations=10, target_seconds=0.05)
     return {
@@ -154,6 +156,7 @@ def _settings(options: BenchOptions, threads: int) -> dict[str, Any]:
         "geo": GeoBenchSettings(throughput_side=512, tile=64, batch=8, memory_sides=(256, 512),
                                 memory_locate_scales=(128, 256), locate_side=512, locate_scales=(64, 128),
                                 locate_queries=3, filter_gallery=5_000, filter_queries=3, seed=seed),
+        "detector": DetectorBenchSettings(imgsz=256, width=8, images=4, repeats=2, seed=seed),
     }
 
 
@@ -194,6 +197,7 @@ def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[st
     from galr.bench import harness
     from galr.bench.accuracy import run_accuracy
     from galr.bench.bounds import run_bounds_benchmarks
+    from galr.bench.detector import run_detector_benchmarks
     from galr.bench.encoders import (
         prepare_model,
         run_encoder_benchmarks,
@@ -228,7 +232,7 @@ def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[st
         sections["rerank"] = run_rerank_benchmarks(settings["rerank"], log)
     with tempfile.TemporaryDirectory(prefix="galr-bench-") as scratch:
         bench = None
-        if wanted & {"encoders", "gallery", "bounds", "serve", "geo"}:
+        if wanted & {"encoders", "gallery", "bounds", "serve", "geo", "detector"}:
             log("preparing the random-weight benchmark model and its bundle")
             bench = prepare_model(encoder_settings.config, Path(options.work_dir or scratch),
                                   fp16=tensorrt_unavailable_reason() is None,
@@ -243,6 +247,8 @@ def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[st
             sections["serve"] = run_serve_benchmarks(bench, settings["serve"], log)
         if "geo" in wanted:
             sections["geo"] = run_geo_benchmarks(bench, settings["geo"], log)
+        if "detector" in wanted:
+            sections["detector"] = run_detector_benchmarks(bench, settings["detector"], log)
     if "accuracy" in wanted:
         chosen = _accuracy_paths(options)
         sections["accuracy"] = (run_accuracy(*chosen, log) if chosen is not None else harness.not_run(

@@ -60,7 +60,8 @@ def _scene(folder: Path, side: int, seed: int, log: Log) -> Path:
 
     target = folder / f"side{side}"
     log(f"geo: rendering a {side} x {side} synthetic scene")
-    generate_geo_scenes(target, GeoSceneConfig(scenes=1, size=side, chip=256, queries=1, placements=1, seed=seed),
+    chip = 256 if side >= 1024 else side // 4  # quick mode's small scenes still hold a 2 x 2-chip target
+    generate_geo_scenes(target, GeoSceneConfig(scenes=1, size=side, chip=chip, queries=1, placements=1, seed=seed),
                         progress=False)
     return target / "geo_scene_00.tif"
 

@@ -39,9 +39,10 @@ from galr.errors import InputError, NotFoundError
 
 SCHEMA_NAME = "galr-bench"
 SCHEMA_VERSION = 1
-SECTION_NAMES: tuple[str, ...] = ("encoders", "gallery", "rerank", "accuracy", "limits", "bounds", "serve", "geo")
+SECTION_NAMES: tuple[str, ...] = ("encoders", "gallery", "rerank", "accuracy", "limits", "bounds", "serve", "geo",
+                                   "detector")
 #: Sections added after result files were first written: an older file is read with them "not run".
-LATER_SECTIONS: frozenset[str] = frozenset({"geo"})
+LATER_SECTIONS: frozenset[str] = frozenset({"geo", "detector"})
 STATUS_OK = "ok"
 STATUS_NOT_RUN = "not run"
 

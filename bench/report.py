@@ -486,6 +486,30 @@ def _geo(section: Mapping[str, Any]) -> str:
     ])
 
 
+def _detector(section: Mapping[str, Any]) -> str:
+    if section.get("status") != STATUS_OK:
+        return _not_run(section)
+    settings, indexing = section["settings"], section["indexing"]
+    cpu = section["backends"]["onnxruntime-cpu"]
+    share = indexing["with_ms"] / indexing["explained_ms"]
+    return "\n\n".join([
+        f"A stand-in for YOLO11n-OBB (no real weights can be downloaded here): a YOLO-like convolution stack "
+        f"with random weights, {_number(section['gflops'])} GFLOPs per {settings['imgsz']} px input (YOLO11n-OBB: "
+        f"17.2), exported with Ultralytics' input, output and metadata; {_number(section['boxes_per_image'])} boxes "
+        "per image pass the confidence threshold.",
+        _table(("backend", "256 px image ms", "1024 px tile ms"),
+               [("ONNX Runtime CPU", _number(cpu["image_256_ms"]), _number(cpu["tile_1024_ms"])),
+                ("TensorRT", section["backends"]["tensorrt"], "")]),
+        f"**Indexing** {indexing['images']} images of 256 px (the benchmark model, ONNX Runtime FP32): "
+        f"{_number(indexing['images_per_s_without'])} images/s without a detector, "
+        f"{_number(indexing['images_per_s_with'])} with it. With the detector a batch took "
+        f"{_number(indexing['with_ms'])} ms against {_number(indexing['explained_ms'])} ms for encoding without it "
+        f"plus the detector alone on the same images (x{share:.2f}): "
+        + ("detection adds its own time and nothing more." if share <= 1.1 else
+           "more than the detector's own time explains."),
+    ])
+
+
 def _approximate(data: Mapping[str, Any] | None) -> str:
     if data is None:
         return ("_Not included in this run: make it with `python -m galr.bench.approximate --gallery gallery.gidx "
@@ -512,8 +536,9 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         ("6. Memory bounds: many queries, large and hostile images", _bounds),
         ("8. Serving: galr-serve under concurrent clients", _serve),
         ("9. Scenes: tiling, memory, semantic localisation, place filters", _geo),
+        ("10. Detector: latency and what it costs an index build", _detector),
     ]
-    names = ("encoders", "gallery", "rerank", "accuracy", "limits", "bounds", "serve", "geo")
+    names = ("encoders", "gallery", "rerank", "accuracy", "limits", "bounds", "serve", "geo", "detector")
     body = [f"## {title}\n\n{renderer(sections[name])}" for (title, renderer), name in zip(render, names, strict=True)]
     body.insert(6, f"## 7. Approximate search at scale\n\n{_approximate(results.get('approximate'))}")
     return "\n\n".join([

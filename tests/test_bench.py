@@ -340,3 +340,21 @@ def test_galr_bench_refuses_an_approximate_file_that_is_not_one(tmp_path):
     result = CliRunner().invoke(main, ["--quick", "--only", "limits", "-o", str(tmp_path / "r.json"),
                                              "--approximate", str(bad)])
     assert result.exit_code == 2 and "not a galr.bench.approximate result" in result.output
+
+
+def test_the_detector_stand_in_has_the_ultralytics_layout_and_the_stated_cost(tmp_path):
+    pytest.importorskip("onnx")
+    from galr.bench.detector import DOTA_NAMES, DetectorBenchSettings, build_standin_detector
+    from galr.preprocess.obb import ObbModelInfo
+    from galr.runtime.backends.onnxruntime import OnnxRuntimeRunner
+
+    path, gflops = build_standin_detector(tmp_path / "d.onnx", DetectorBenchSettings(imgsz=128, width=8))
+    runner = OnnxRuntimeRunner(path, device="cpu")
+    info = ObbModelInfo.from_metadata(dict(runner.session.get_modelmeta().custom_metadata_map), str(path))
+    runner.activate()
+    output = runner.infer({"images": np.zeros((1, 3, 128, 128), np.float32)})["output0"]
+    runner.close()
+    cells = (128 // 8) ** 2 + (128 // 16) ** 2 + (128 // 32) ** 2
+    assert info.names == DOTA_NAMES and output.shape == (1, 4 + len(DOTA_NAMES) + 1, cells)
+    # conv multiply-adds of the stack at 128 px, counted by hand for width 8: stem 3->4, blocks, heads
+    assert 0.001 < gflops < 0.1
