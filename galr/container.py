@@ -128,13 +128,15 @@ class ContainerReader:
         error: the error class raised for anything wrong with the file (an :class:`InputError`).
         fix: what the user should do about a damaged file, appended to messages
             (e.g. ``"re-export it with galr-export"``).
+        map_arrays: :meth:`read_array` returns read-only memory maps of stored (uncompressed) members
+            instead of copies, so processes opening the same file share its pages.
 
     Raises:
         error: the file is not a readable zip.
     """
 
-    def __init__(self, path: str | Path, *, error: type[InputError], fix: str) -> None:
-        self.path, self._error, self._fix = Path(path), error, fix
+    def __init__(self, path: str | Path, *, error: type[InputError], fix: str, map_arrays: bool = False) -> None:
+        self.path, self._error, self._fix, self._map_arrays = Path(path), error, fix, map_arrays
         try:
             self._zip = zipfile.ZipFile(self.path)
             self._infos = {info.filename: info for info in self._zip.infolist()}
@@ -249,11 +251,32 @@ class ContainerReader:
             if found_dtype != expected or tuple(found_shape) != tuple(shape) or fortran:
                 raise self.damaged(f"member {name!r} holds {found_dtype} {tuple(found_shape)}, expected {expected} "
                                    f"{tuple(shape)}")
-            array = np.empty(shape, dtype=expected)
-            view = memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
-            if stream.readinto(view) != len(view):
+            nbytes = expected.itemsize * int(np.prod(shape))
+            data_offset = self._stored_data_offset(name) if self._map_arrays and nbytes else None
+            array = None if data_offset is not None else np.empty(shape, dtype=expected)
+            header_bytes = stream.size  # the stream still reads and hashes the whole member on leaving
+            if array is not None:
+                view = memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
+                if stream.readinto(view) != len(view):
+                    raise self.damaged(f"member {name!r} is shorter than its array")
+        if array is None:
+            if int(entry["size"]) - header_bytes < nbytes:
                 raise self.damaged(f"member {name!r} is shorter than its array")
+            return np.memmap(self.path, dtype=expected, mode="r", offset=data_offset + header_bytes, shape=tuple(shape))
         return array
+
+    def _stored_data_offset(self, name: str) -> int | None:
+        """Where a stored (uncompressed) member's bytes start in the file; ``None`` for compressed ones."""
+        info = self._infos.get(name)
+        if info is None or info.compress_type != zipfile.ZIP_STORED:
+            return None
+        with open(self.path, "rb") as handle:
+            handle.seek(info.header_offset)
+            local = handle.read(30)
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            return None
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        return info.header_offset + 30 + name_length + extra_length
 
     def read_json_member(self, name: str, entry: Mapping[str, Any]) -> Any:
         """A checked member parsed as UTF-8 JSON."""

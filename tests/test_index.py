@@ -628,3 +628,30 @@ def test_a_version_1_index_still_opens(tmp_path):
     assert old.search(queries, 4, device="cpu").ids == index.search(queries, 4, device="cpu").ids
     old.save(path)  # saving writes the current version
     assert json.loads(zipfile.ZipFile(path).read("header.json"))["format_version"] == 2
+
+
+@pytest.mark.parametrize("storage", ["fp32", "fp16"])
+def test_a_mapped_index_shares_the_file_pages_searches_alike_and_copies_before_editing(tmp_path, storage):
+    index, path = _saved(tmp_path, storage)
+    before = path.read_bytes()
+    mapped = load_index(path, expected_model_hash=MODEL, mapped=True)
+    assert isinstance(mapped.images.vectors.base, np.memmap) or isinstance(mapped.images.vectors, np.memmap)
+    np.testing.assert_array_equal(mapped.images.vectors, index.images.vectors)
+    queries = random_unit(3, seed=13)
+    assert mapped.search(queries, 5, device="cpu").ids == index.search(queries, 5, device="cpu").ids
+    first = mapped.ids[0]
+    mapped.update(records_for([first]), random_unit(1, seed=21))
+    mapped.remove(mapped.ids[1])
+    mapped.add(records_for(["after-map.png"]), random_unit(1, seed=22))
+    assert len(mapped) == len(index) and path.read_bytes() == before  # the file itself is never written
+
+
+def test_a_mapped_index_still_checks_every_member(tmp_path):
+    _, path = _saved(tmp_path, "fp32")
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("vectors.npy"))
+    data[info.header_offset + 200] ^= 0xFF  # inside the vectors member's array bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="vectors.npy"):  # zip's CRC or our SHA-256, whichever reads it first
+        load_index(path, mapped=True)

@@ -23,6 +23,8 @@ Examples:
   curl -s localhost:8000/v1/search/text -H 'Content-Type: application/json' \\
        -d '{"queries": ["two planes next to the runway"], "top_k": 5}'
   kill -HUP <pid>        # after `galr-index --update` on the served index: swap it in
+  galr-serve --engine galr.plan --index gallery.gidx --ray --replicas 2          # Ray Serve on this machine
+  galr-serve --engine galr.plan --index gallery.gidx --ray --address HEAD:6379 --host 0.0.0.0 --api-key-file key
 """
 
 
@@ -62,9 +64,16 @@ def _api_key(path: Path | None) -> str | None:
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds before a request gets 504.")
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allow this browser origin (repeat); none by default.")
+@click.option("--ray", "on_ray", is_flag=True,
+              help="Run as a Ray Serve deployment behind Ray's HTTP proxy (`pip install 'galr[ray]'`).")
+@click.option("--address", default=None, metavar="HOST:PORT",
+              help="--ray: a running Ray cluster's head (`ray start --head`)  [default: start Ray here]")
+@click.option("--replicas", type=click.IntRange(min=1), default=2, show_default=True, help="--ray: service replicas.")
+@click.option("--replica-cpus", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+              help="--ray: CPUs Ray reserves for each replica.")
 def main(bundle: Path, index_path: Path, host: str, port: int, api_key_file: Path | None, backend: str, device: str,
          precision: str, max_batch: int, max_wait_ms: float, max_queue: int, timeout_s: float,
-         cors_origins: tuple[str, ...]) -> None:
+         cors_origins: tuple[str, ...], on_ray: bool, address: str | None, replicas: int, replica_cpus: float) -> None:
     """Serve text and image search over HTTP (JSON API under /v1, search page at /, OpenAPI at /docs)."""
     try:
         import uvicorn
@@ -84,6 +93,14 @@ def main(bundle: Path, index_path: Path, host: str, port: int, api_key_file: Pat
     # Uploaded images come without detections: the fallback is documented, not worth a line per request.
     warnings.filterwarnings("ignore", category=NoDetectionsWarning)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if on_ray:
+        from galr.runtime.serve.ray import RaySettings, serve_on_ray
+
+        serve_on_ray(settings, RaySettings(address=address, replicas=replicas, cpus_per_replica=replica_cpus,
+                                           batch_wait_s=max_wait_ms / 1e3), log=click.echo)
+        return
+    if address is not None:
+        raise click.UsageError("--address names a Ray cluster: add --ray")
     click.echo(f"galr-serve: http://{host}:{port}/ (API under /v1, OpenAPI at /docs)")
     uvicorn.run(create_app(settings, reload_on_sighup=True), host=host, port=port, log_level="info",
                 timeout_graceful_shutdown=10)

@@ -200,13 +200,17 @@ def _texts(reader: ContainerReader, header: Mapping[str, Any]) -> list[str]:
     return texts
 
 
-def load_index(path: str | os.PathLike, expected_model_hash: str | None = None) -> GalleryIndex:
+def load_index(path: str | os.PathLike, expected_model_hash: str | None = None, *, mapped: bool = False
+               ) -> GalleryIndex:
     """Read a ``.gidx`` file, checking its format version, header and every member it reads.
 
     Args:
         path: the index file.
         expected_model_hash: ``encoders.model_hash`` of the encoders that will search it; an index
             built by another model is refused. ``None`` skips the check (e.g. to only remove images).
+        mapped: memory-map the exact searchers' vectors from the file instead of copying them
+            (read-only pages shared by every process that maps the same file: service replicas).
+            Edits copy them first; every member is still hash-checked.
 
     Raises:
         NotFoundError: no such file.
@@ -217,7 +221,7 @@ def load_index(path: str | os.PathLike, expected_model_hash: str | None = None) 
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"index not found: {path}; build it with `{REBUILD_HINT.format(path=path)}`")
-    with ContainerReader(path, error=IndexFormatError, fix=_fix(path)) as reader:
+    with ContainerReader(path, error=IndexFormatError, fix=_fix(path), map_arrays=mapped) as reader:
         header = _checked_header(reader, path)
         if expected_model_hash is not None and header["model_hash"] != expected_model_hash:
             raise IndexModelMismatchError(

@@ -38,7 +38,7 @@ import threading
 import time
 import warnings
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -49,7 +49,7 @@ from pydantic import BaseModel, Field
 from galr.config import RerankConfig
 from galr.errors import BusyError, GalrError, InputError, NotFoundError, UnavailableError
 from galr.geo.filters import PlaceFilter
-from galr.runtime.serve.batching import QueryBatcher
+from galr.runtime.serve.batching import QueryBatcher, SearchCall
 from galr.runtime.serve.page import search_page
 from galr.runtime.serve.settings import ServeSettings
 
@@ -127,7 +127,8 @@ class Service:
     def _read_index(self) -> Any:
         from galr.runtime.index import load_index
 
-        return load_index(self.settings.index, expected_model_hash=self.encoders.model_hash)
+        # Mapped: the vectors' pages are shared with every other process serving the same file.
+        return load_index(self.settings.index, expected_model_hash=self.encoders.model_hash, mapped=True)
 
     def _retriever(self, index: Any, search: dict[str, int] | None = None) -> Any:
         from galr.runtime.retriever import Retriever
@@ -167,13 +168,20 @@ def _error_response(metrics: Metrics, status: int, kind: str, message: str,
     return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
 
 
-def create_app(settings: ServeSettings, *, encoders: Any = None, reload_on_sighup: bool = False) -> FastAPI:
+def create_app(settings: ServeSettings, *, encoders: Any = None, reload_on_sighup: bool = False,
+               search_call: Callable[[SearchCall], Awaitable[Any]] | None = None,
+               background_load: bool = True) -> FastAPI:
     """The FastAPI application (see the module docstring).
 
     Args:
         settings: files, limits and batching.
         encoders: already loaded :class:`~galr.runtime.encoders.Encoders` (else loaded from the bundle).
         reload_on_sighup: re-read the index when the process gets SIGHUP (``galr-serve`` sets it).
+        search_call: answers one request's text search, batching it with others (Ray Serve passes its
+            ``@serve.batch`` method); ``None`` = the app's own :class:`QueryBatcher`. It returns the
+            results, or the exception to raise.
+        background_load: load the engine and index after start-up while ``/healthz`` answers (a
+            process of its own); ``False`` = before the app serves (a Ray replica: Ray routes to it only then).
     """
     service = Service(settings, encoders)
     metrics = Metrics()
@@ -187,6 +195,8 @@ def create_app(settings: ServeSettings, *, encoders: Any = None, reload_on_sighu
         batcher.start()
         loop = asyncio.get_running_loop()
         loading = loop.run_in_executor(None, service.load)  # /healthz answers meanwhile
+        if not background_load:
+            await loading
         if reload_on_sighup:
             import signal
 
@@ -316,7 +326,13 @@ def create_app(settings: ServeSettings, *, encoders: Any = None, reload_on_sighu
         where = PlaceFilter.from_text(",".join(map(str, body.bbox)) if body.bbox else None, body.since, body.until)
         if where is not None:
             search["where"] = where
-        results = await timed(batcher.search(queries, body.top_k, body.rerank, search))
+        if search_call is None:
+            results = await timed(batcher.search(queries, body.top_k, body.rerank, search))
+        else:
+            results = await timed(search_call(SearchCall(queries, body.top_k, body.rerank,
+                                                         tuple(sorted(search.items())))))
+            if isinstance(results, BaseException):
+                raise results
         return {"results": [_public(result) for result in results]}
 
     @app.post("/v1/embed/text", dependencies=[Depends(authorised)])

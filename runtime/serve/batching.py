@@ -21,18 +21,62 @@ from typing import Any, Callable, Sequence
 from galr.errors import BusyError
 
 
-@dataclass
-class _Request:
+@dataclass(frozen=True)
+class SearchCall:
+    """One request's text search: its queries, how many hits each, MR on/off, the search settings
+    (``nprobe``/``ef``, a place filter) as sorted ``(name, value)`` pairs."""
+
     queries: list[str]
     top_k: int
     rerank: bool
-    search: tuple[tuple[str, int], ...]
+    search: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass
+class _Request:
+    call: SearchCall
     future: asyncio.Future
     arrived: float = field(default_factory=time.perf_counter)
+
+    @property
+    def queries(self) -> list[str]:
+        return self.call.queries
 
 
 #: ``run(queries, top_k, rerank, search_params) -> results`` in query order (a blocking call).
 RunBatch = Callable[[list[str], int, bool, dict[str, Any]], list[Any]]
+
+
+def answer_together(run: RunBatch, calls: Sequence[SearchCall],
+                    on_batch: Callable[[int], None] = lambda _: None) -> list[Any]:
+    """Answer several requests' searches with one ``run`` per search setting (a blocking call).
+
+    Calls with the same MR switch and search settings share one encoder batch; each call gets its
+    own ``top_k`` back (a shorter list is a prefix of a longer one, MR included). A failing ``run``
+    fails only the calls of its group: their entry is the exception, the others' their results.
+
+    Returns:
+        One entry per call, in order: its list of results, or the exception its group raised.
+    """
+    groups: dict[tuple[bool, tuple], list[int]] = {}
+    for position, call in enumerate(calls):
+        groups.setdefault((call.rerank, call.search), []).append(position)
+    answers: list[Any] = [None] * len(calls)
+    for (rerank, search), members in groups.items():
+        queries = [query for position in members for query in calls[position].queries]
+        on_batch(len(queries))
+        try:
+            results = run(queries, max(calls[p].top_k for p in members), rerank, dict(search))
+        except Exception as exc:  # noqa: BLE001 - handed to each call of the group
+            for position in members:
+                answers[position] = exc
+            continue
+        start = 0
+        for position in members:
+            call = calls[position]
+            answers[position] = [result.truncated(call.top_k) for result in results[start:start + len(call.queries)]]
+            start += len(call.queries)
+    return answers
 
 
 class QueryBatcher:
@@ -88,7 +132,7 @@ class QueryBatcher:
         """
         if self._queued + len(queries) > self._max_queued:
             raise BusyError(f"the service is busy ({self._queued} queries waiting); retry shortly")
-        request = _Request(list(queries), top_k, rerank, tuple(sorted(search.items())),
+        request = _Request(SearchCall(list(queries), top_k, rerank, tuple(sorted(search.items()))),
                            asyncio.get_running_loop().create_future())
         self._queue.append(request)
         self._queued += len(request.queries)
@@ -131,34 +175,22 @@ class QueryBatcher:
                     except asyncio.TimeoutError:
                         break
                 batch = self._take()
-                if not batch:
-                    continue
-                groups: dict[tuple[bool, tuple], list[_Request]] = {}
-                for request in batch:
-                    groups.setdefault((request.rerank, request.search), []).append(request)
-                for (rerank, search), members in groups.items():
-                    await self._answer(loop, members, rerank, dict(search))
+                if batch:
+                    await self._answer(loop, batch)
 
-    async def _answer(self, loop: asyncio.AbstractEventLoop, members: list[_Request], rerank: bool,
-                      search: dict[str, Any]) -> None:
-        queries = [query for request in members for query in request.queries]
-        self._on_batch(len(queries))
+    async def _answer(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
         try:
-            results = await loop.run_in_executor(self._executor, self._run, queries,
-                                                 max(r.top_k for r in members), rerank, search)
-        except Exception as exc:  # noqa: BLE001 - handed to each waiting request
-            for request in members:
-                if not request.future.done():
-                    request.future.set_exception(exc)
-        else:
-            start = 0
-            for request in members:
-                part = results[start:start + len(request.queries)]
-                start += len(request.queries)
-                if not request.future.done():
-                    request.future.set_result([result.truncated(request.top_k) for result in part])
+            answers = await loop.run_in_executor(self._executor, answer_together, self._run,
+                                                 [request.call for request in batch], self._on_batch)
+            for request, answer in zip(batch, answers):
+                if request.future.done():
+                    continue
+                if isinstance(answer, BaseException):
+                    request.future.set_exception(answer)
+                else:
+                    request.future.set_result(answer)
         finally:
-            self._queued -= len(queries)
+            self._queued -= sum(len(request.queries) for request in batch)
 
 
-__all__ = ["QueryBatcher"]
+__all__ = ["QueryBatcher", "RunBatch", "SearchCall", "answer_together"]

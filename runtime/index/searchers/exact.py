@@ -164,11 +164,18 @@ class ExactSearcher:
         self._size += count
         self._touch()
 
+    def _own_rows(self) -> None:
+        """Copy memory-mapped rows (a file opened with ``mapped=True``) before editing them."""
+        if not self._vectors.flags.writeable:
+            self._vectors, self._keys = np.array(self._vectors), np.array(self._keys)
+
     def replace(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        self._own_rows()
         self._vectors[self._rows(np.asarray(keys, dtype=np.int64))] = vectors
         self._touch()
 
     def remove(self, keys: np.ndarray) -> None:
+        self._own_rows()
         keep = np.ones(self._size, dtype=bool)
         keep[self._rows(np.asarray(keys, dtype=np.int64))] = False
         kept = int(keep.sum())
