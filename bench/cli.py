@@ -57,6 +57,8 @@ class BenchOptions:
         note: free text shown under the machine description (e.g. why the thread count was chosen).
         approximate: results of ``python -m galr.bench.approximate`` (a JSON file) to include as the
             approximate-search section; that run takes minutes per million vectors, so it is its own command.
+        soak_minutes: run the serving soak test for this long after the load steps (0: not run; it
+            is a benchmark of its own: memory under steady load, minutes of machine time).
         work_dir: where the benchmark model and bundle are written (``None``: a temporary folder).
     """
 
@@ -70,6 +72,7 @@ class BenchOptions:
     seed: int = 0
     note: str | None = None
     approximate: Path | None = None
+    soak_minutes: float = 0.0
     work_dir: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +81,8 @@ class BenchOptions:
             raise InputError(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"threads must be >= 1, got {self.threads}")
+        if self.soak_minutes < 0:
+            raise InputError(f"soak_minutes must be 0 or more, got {self.soak_minutes}")
 
     @property
     def resolved_threads(self) -> int:
@@ -112,6 +117,8 @@ class BenchOptions:
             args += ["--note", self.note]
         if self.approximate is not None:
             args += ["--approximate", str(self.approximate)]
+        if self.soak_minutes:
+            args += ["--soak-minutes", f"{self.soak_minutes:g}"]
         return shlex.join(args)
 
 
@@ -136,7 +143,7 @@ def _settings(options: BenchOptions, threads: int) -> dict[str, Any]:
             "rerank": RerankBenchSettings(seed=seed),
             "limits": PeakSettings(),
             "bounds": BoundsSettings(seed=seed),
-            "serve": ServeBenchSettings(seed=seed),
+            "serve": ServeBenchSettings(soak_minutes=options.soak_minutes, seed=seed),
             "geo": GeoBenchSettings(seed=seed),
             "detector": DetectorBenchSettings(seed=seed),
         }
@@ -152,7 +159,8 @@ def _settings(options: BenchOptions, threads: int) -> dict[str, Any]:
         "limits": PeakSettings(matmul_size=512, stream_bytes=32 * 2**20, timing=fast.with_iterations(1, 5)),
         "bounds": BoundsSettings(query_counts=(10, 100), text_bank=300, gallery=100, tiff_side=512, tiff_bands=16,
                                  png_side=1200, png_count=2, seed=seed),
-        "serve": ServeBenchSettings(clients=(1, 4), requests_per_client=5, gallery=500, text_bank=50, seed=seed),
+        "serve": ServeBenchSettings(clients=(1, 4), requests_per_client=5, gallery=500, text_bank=50, ray_replicas=0,
+                                    soak_minutes=options.soak_minutes, soak_sample_s=2.0, seed=seed),
         "geo": GeoBenchSettings(throughput_side=512, tile=64, batch=8, memory_sides=(256, 512),
                                 memory_locate_scales=(128, 256), locate_side=512, locate_scales=(64, 128),
                                 locate_queries=3, filter_gallery=5_000, filter_queries=3, seed=seed),
@@ -321,11 +329,13 @@ written and the command exits with the gate code (4).
 @click.option("--note", default=None, help="Free text shown under the machine description in the Markdown.")
 @click.option("--approximate", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Include this result JSON of `python -m galr.bench.approximate` (approximate search at scale).")
+@click.option("--soak-minutes", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="Also run the serving soak test this long (memory and errors under steady load).")
 @click.option("--render", "render_from", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Measure nothing: render --markdown from this existing result JSON.")
 def main(output: Path, markdown: Path | None, quick: bool, sections: tuple[str, ...], threads: int | None,
          checkpoint: Path | None, dataset: Path | None, seed: int, note: str | None, approximate: Path | None,
-         render_from: Path | None) -> None:
+         soak_minutes: float, render_from: Path | None) -> None:
     """Benchmark GaLR's encoders, gallery search, MR rerank, accuracy and the machine's limits."""
     if render_from is not None:
         from galr.bench.harness import load_results
@@ -339,7 +349,7 @@ def main(output: Path, markdown: Path | None, quick: bool, sections: tuple[str, 
         return
     options = BenchOptions(output=output, markdown=markdown, quick=quick, sections=tuple(sections) or SECTIONS,
                            threads=threads, checkpoint=checkpoint, dataset=dataset, seed=seed, note=note,
-                           approximate=approximate)
+                           approximate=approximate, soak_minutes=soak_minutes)
     results = run_benchmarks(options, _stderr_log())
     mismatches = mr_mismatches(results)
     if mismatches:

@@ -442,14 +442,44 @@ def _serve(section: Mapping[str, Any]) -> str:
              _number(row["p50_ms"]), _number(row["p95_ms"]), _number(row["p99_ms"]),
              _number(row["p99_over_p50"]), _number(row["mean_batch"]), row["errors"])
             for row in section["rows"]]
-    return "\n\n".join([
+    parts = [_serve_intro(settings, reference), _table(
+        ("clients", "requests", "queries/s", "of the encoder alone", "p50 ms", "p95 ms", "p99 ms", "p99/p50",
+         "mean batch", "errors"), rows)]
+    ray = section.get("ray") or {}
+    if ray.get("status") == STATUS_OK:
+        row = ray["row"]
+        alone = next((r for r in section["rows"] if r["clients"] == row["clients"]), None)
+        ratio = (f" = **x{row['queries_per_s'] / alone['queries_per_s']:.2f}** of galr-serve alone"
+                 if alone and alone["queries_per_s"] and row["queries_per_s"] else "")
+        parts.append(f"**Ray Serve** (`galr-serve --ray`, {ray['replicas']} replicas on this one 2-core machine, "
+                     f"Ray's proxy and `@serve.batch`): {row['clients']} clients, {_number(row['queries_per_s'])} "
+                     f"queries/s{ratio}, p50 {_number(row['p50_ms'])} ms, p99 {_number(row['p99_ms'])} ms, "
+                     f"{row['errors']} errors. On one machine the replicas share the same two cores and Ray adds "
+                     "its proxy hop; Ray is for more machines, not for more speed on one.")
+    elif ray:
+        parts.append(f"Ray Serve: {_not_run(ray)}")
+    soak = section.get("soak") or {}
+    if soak.get("status") == STATUS_OK:
+        slope = soak["slope_mib_per_min"]
+        parts.append(
+            f"**Soak** ({_number(soak['minutes'])} minutes, {soak['clients']} clients searching back to back): "
+            f"{soak['requests']:,} requests, {soak['errors']} errors, {_number(soak['queries_per_s'])} queries/s, "
+            f"p50 {_number(soak['p50_ms'])} ms, p99 {_number(soak['p99_ms'])} ms. Server resident memory: "
+            f"{_mib(soak['rss_start_bytes'])} MiB at the start, {_mib(soak['rss_after_warmup_bytes'])} after the "
+            f"first minute, {_mib(soak['rss_end_bytes'])} at the end (max {_mib(soak['rss_max_bytes'])}); fitted "
+            f"slope after warm-up {_number(slope)} MiB/min.")
+    elif soak:
+        parts.append(f"Soak: {_not_run(soak)}")
+    return "\n\n".join(parts)
+
+
+def _serve_intro(settings: Mapping[str, Any], reference: float) -> str:
+    return "".join([
         f"`galr-serve` on 127.0.0.1 (ONNX Runtime FP32, the benchmark model) over {settings['gallery']:,} "
         f"embeddings (exact search, MR {'on' if settings['rerank'] else 'off'}, top 10); each client sends "
         f"{settings['requests_per_client']} one-query searches in turn on a kept-alive connection. Reference: "
         f"the text encoder alone at batch {settings['reference_batch']}, {_number(reference)} queries/s "
         "(same process, before the server started). Client and server share the machine's cores.",
-        _table(("clients", "requests", "queries/s", "of the encoder alone", "p50 ms", "p95 ms", "p99 ms",
-                "p99/p50", "mean batch", "errors"), rows),
     ])
 
 

@@ -44,6 +44,10 @@ class ServeBenchSettings:
     reference_batch: int = 32
     max_wait_ms: float = 5.0
     timeout_s: float = 30.0
+    ray_replicas: int = 2
+    soak_minutes: float = 0.0
+    soak_clients: int = 8
+    soak_sample_s: float = 10.0
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +160,104 @@ def reference_throughput(bench: Any, queries: list[str], batch: int) -> float:
     return float(np.median(runs))
 
 
+def _resident_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def measure_soak(port: int, pid: int, queries: list[str], settings: ServeBenchSettings, log: Log) -> dict[str, Any]:
+    """Steady load for ``soak_minutes``: ``soak_clients`` clients searching back to back; the server's
+    resident memory sampled every ``soak_sample_s``. Memory is flat when the fitted slope after the first
+    minute (warm-up: allocator pools, caches) stays within noise."""
+    deadline = time.monotonic() + settings.soak_minutes * 60
+    latencies: list[float] = []
+    errors: list[str] = []
+    samples: list[tuple[float, int]] = []
+    began = time.monotonic()
+
+    def client(offset: int) -> None:
+        mine = queries[offset:] + queries[:offset]
+        while time.monotonic() < deadline:
+            _client(port, mine[:20], settings, latencies, errors)
+
+    threads = [threading.Thread(target=client, args=(n * 7,)) for n in range(settings.soak_clients)]
+    for thread in threads:
+        thread.start()
+    while time.monotonic() < deadline:
+        resident = _resident_bytes(pid)
+        if resident is not None:
+            samples.append((time.monotonic() - began, resident))
+        time.sleep(min(settings.soak_sample_s, max(0.0, deadline - time.monotonic())))
+    for thread in threads:
+        thread.join()
+    wall = time.monotonic() - began
+    warm = [(t, rss) for t, rss in samples if t >= min(60.0, wall / 3)]
+    slope = None
+    if len(warm) >= 3:
+        times, sizes = np.array([t for t, _ in warm]), np.array([rss for _, rss in warm], float)
+        slope = float(np.polyfit(times / 60, sizes / 2**20, 1)[0])  # MiB per minute
+    sizes = [rss for _, rss in samples]
+    log(f"serve: soak done, {len(latencies)} searches, {len(errors)} errors")
+    return {"minutes": round(wall / 60, 2), "clients": settings.soak_clients, "requests": len(latencies) + len(errors),
+            "errors": len(errors), "error_examples": sorted(set(errors))[:3],
+            "queries_per_s": len(latencies) / wall if wall else None,
+            "p50_ms": float(np.percentile(latencies, 50)) if latencies else None,
+            "p99_ms": float(np.percentile(latencies, 99)) if latencies else None,
+            "rss_start_bytes": sizes[0] if sizes else None, "rss_end_bytes": sizes[-1] if sizes else None,
+            "rss_max_bytes": max(sizes) if sizes else None,
+            "rss_after_warmup_bytes": warm[0][1] if warm else None, "slope_mib_per_min": slope,
+            "samples": [[round(t, 1), rss] for t, rss in samples]}
+
+
+def _stop(process: subprocess.Popen, interrupt: bool = False) -> None:
+    import signal
+
+    if interrupt:
+        process.send_signal(signal.SIGINT)  # galr-serve --ray then stops Serve and Ray itself
+    else:
+        process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def measure_ray(bench: Any, index: Path, queries: list[str], settings: ServeBenchSettings, log: Log
+                ) -> dict[str, Any]:
+    """The largest client count against ``galr-serve --ray`` with ``ray_replicas`` replicas on this machine."""
+    if settings.ray_replicas < 1:
+        return not_run("not asked for (ray_replicas is 0)")
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError:
+        return not_run("Ray Serve is not installed (pip install 'galr[ray]')")
+    port = _free_port()
+    command = [sys.executable, "-c", _SERVE, "--engine", str(bench.bundle), "--index", str(index), "--port", str(port),
+               "--backend", "onnxruntime", "--device", "cpu", "--precision", "fp32", "--max-batch",
+               str(settings.reference_batch), "--max-wait-ms", str(settings.max_wait_ms), "--ray", "--replicas",
+               str(settings.ray_replicas), "--replica-cpus", str(1.0 / settings.ray_replicas)]
+    log(f"serve: galr-serve --ray with {settings.ray_replicas} replicas")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_ready(port, process, limit_s=180)
+        clients = max(settings.clients)
+        log(f"serve: {clients} client(s) x {settings.requests_per_client} requests through Ray's proxy")
+        row = measure_clients(port, clients, queries, settings)
+    except RuntimeError as exc:
+        return not_run(f"{exc}: {(process.stderr.read() if process.poll() is not None else '')[-300:]}")
+    finally:
+        _stop(process, interrupt=True)
+    return {"status": STATUS_OK, "replicas": settings.ray_replicas, "row": row}
+
+
 def run_serve_benchmarks(bench: Any | None, settings: ServeBenchSettings, log: Log) -> dict[str, Any]:
     """The ``serve`` section (needs the benchmark model and the serve extra)."""
     if bench is None:
@@ -186,16 +288,17 @@ def run_serve_benchmarks(bench: Any | None, settings: ServeBenchSettings, log: L
             for clients in settings.clients:
                 log(f"serve: {clients} client(s) x {settings.requests_per_client} requests")
                 rows.append(measure_clients(port, clients, queries, settings))
+            soak = not_run("not asked for (galr-bench --soak-minutes N)")
+            if settings.soak_minutes > 0:
+                log(f"serve: {settings.soak_minutes:g}-minute soak with {settings.soak_clients} clients")
+                soak = {"status": STATUS_OK, **measure_soak(port, process.pid, queries, settings, log)}
         except RuntimeError as exc:
             return not_run(f"{exc}: {(process.stderr.read() if process.poll() is not None else '')[-300:]}")
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            _stop(process)
+        ray_row = measure_ray(bench, index, queries, settings, log)
     return {"status": STATUS_OK, "settings": settings.to_dict(), "reference_queries_per_s": reference,
-            "rows": rows, "seconds": round(elapsed(), 1)}
+            "rows": rows, "ray": ray_row, "soak": soak, "seconds": round(elapsed(), 1)}
 
 
-__all__ = ["ServeBenchSettings", "measure_clients", "run_serve_benchmarks"]
+__all__ = ["ServeBenchSettings", "measure_clients", "measure_ray", "measure_soak", "run_serve_benchmarks"]

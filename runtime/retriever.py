@@ -64,13 +64,14 @@ class QueryResult:
     hits: list[Hit]
     reranked: bool
     timings_ms: dict[str, float] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)  # what a caller should know (the service fills it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def truncated(self, top_k: int) -> "QueryResult":
         """The same result with its first ``top_k`` hits (a shorter search gives exactly these)."""
-        return QueryResult(self.query, self.hits[:top_k], self.reranked, self.timings_ms)
+        return QueryResult(self.query, self.hits[:top_k], self.reranked, self.timings_ms, self.notices)
 
 
 def _order_with_rerank(values: np.ndarray, bank_values: np.ndarray, config: RerankConfig,

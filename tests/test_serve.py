@@ -352,3 +352,14 @@ def test_the_search_page_in_a_headless_browser(deployment, tmp_path):  # noqa: F
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_each_result_carries_its_own_notices(served):
+    serve, _ = served
+    client = serve(max_wait_ms=200, max_batch_queries=64)
+    queries = ["two white planes", "zzzz qqqq", "many ships"]
+    with ThreadPoolExecutor(3) as pool:  # batched together: the notices must still reach the right query
+        answers = list(pool.map(lambda q: client.post("/v1/search/text", json={"queries": [q]}).json(), queries))
+    notices = [answer["results"][0]["notices"] for answer in answers]
+    assert notices[0] == [] and notices[2] == []
+    assert len(notices[1]) == 1 and notices[1][0].startswith("query ('zzzz qqqq')") and "vocabulary" in notices[1][0]

@@ -136,12 +136,26 @@ class Service:
         return Retriever(self.encoders, index, RerankConfig(), device=self.settings.device, search_params=search)
 
     def search_text(self, queries: list[str], top_k: int, rerank: bool, search: dict[str, Any]) -> list[Any]:
-        # One index for the whole batch, even if a reload swaps it meanwhile. Per-query notices
-        # (unknown words, MR without a text bank) are not sent to clients.
+        """One batch of text searches; each result carries its own notices (unknown words, a shortened
+        query, MR without a text bank) in ``notices``. Runs on one worker thread (warning capture)."""
         search = dict(search)
         where = search.pop("where", None)  # a PlaceFilter: requests batch together only with the same one
-        retriever = self._retriever(self.retriever.index, search)
-        return quietly(retriever.search_text, queries, top_k=top_k, rerank=rerank, where=where)
+        retriever = self._retriever(self.retriever.index, search)  # one index for the whole batch
+        labels = [f"query #{number}" for number in range(len(queries))]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results = retriever.search_text(queries, top_k=top_k, rerank=rerank, where=where, labels=labels)
+        position = {label: number for number, label in enumerate(labels)}
+        general: list[str] = []
+        for warning in caught:
+            label, text = getattr(warning.message, "label", None), str(warning.message)
+            if label in position:  # "query #7 (...) ..." -> "query (...) ...": numbers are the batch's, not the client's
+                results[position[label]].notices.append("query" + text[len(label):])
+            elif text not in general:
+                general.append(text)
+        for result in results:
+            result.notices.extend(general)
+        return results
 
 
 def quietly(function: Any, *args: Any, **kwargs: Any) -> Any:

@@ -109,12 +109,9 @@ def galr_application(settings: ServeSettings, ray_settings: RaySettings) -> Any:
 
         @serve.batch(max_batch_size=settings.max_batch_queries, batch_wait_timeout_s=ray_settings.batch_wait_s)
         async def search(self, calls: list[Any]) -> list[Any]:
-            import asyncio
-
-            service = self.galr_app.state.service
-            metrics = self.galr_app.state.metrics
-            return await asyncio.get_running_loop().run_in_executor(
-                None, answer_together, service.search_text, calls, metrics.batch.observe)
+            state = self.galr_app.state  # on the app's one worker thread, as every other blocking call
+            return await state.batcher.run_blocking(answer_together, state.service.search_text, calls,
+                                                    state.metrics.batch.observe)
 
         def check_health(self) -> None:
             failure = self.galr_app.state.service.failure
