@@ -276,6 +276,11 @@ def _size_text(size: int) -> str:
                    "none scales by the data type's range.")
 @click.option("--min-valid", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="--tile: skip (and count) tiles with a smaller fraction of valid (not nodata) pixels.")
+@click.option("--records", "records_kind", type=click.Choice(["auto", "json", "sqlite"]), default="auto",
+              show_default=True,
+              help="Where records live: inside the .gidx (json), or in a checked SQLite file beside it (sqlite: "
+                   "indexes of millions open in seconds and read only the records they show). auto: SQLite past "
+                   "100,000 images or when the index already uses it. `--update --records sqlite` migrates an index.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index at --output with a new one.")
 @click.option("--lock-timeout", type=click.FloatRange(min=0), default=600, show_default=True,
               help="Seconds to wait while another galr-index writes the same index, then give up (exit 2).")
@@ -285,7 +290,7 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, detect
          storage: str | None, batch_size: int, backend: str, device: str, precision: str, text_bank: Path | None,
          update: bool, remove_ids: tuple[str, ...], root: Path | None, search_kind: str | None,
          search_settings: tuple[str, ...], tile_sizes: str | None, overlap: int, bands: str | None, stretch: str,
-         min_valid: float, overwrite: bool, lock_timeout: float, progress: bool) -> None:
+         min_valid: float, records_kind: str, overwrite: bool, lock_timeout: float, progress: bool) -> None:
     """Embed the images in IMAGES (folders are scanned for png/jpg/tif/bmp) into a gallery index.
 
     The index holds one embedding per image, the images' metadata, the model hash of the bundle
@@ -302,8 +307,8 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, detect
     editing = update or bool(removals)
     if not editing and not images:
         raise click.UsageError("give IMAGES (a folder or image files) to index, or --update/--remove to edit an index")
-    if update and not (images or text_bank or removals):
-        raise click.UsageError("--update needs IMAGES to add, --text-bank or --remove")
+    if update and not (images or text_bank or removals or records_kind != "auto"):
+        raise click.UsageError("--update needs IMAGES to add, --text-bank, --remove or --records")
     if editing and not output.is_file():
         raise NotFoundError(f"no index at {output} to edit; build it first: galr-index IMAGES --engine {bundle} "
                             f"-o {output}")
@@ -339,7 +344,7 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, detect
         # From reading the index to replacing it, no other writer may save it: its edits would be lost.
         with exclusive_lock(output, timeout=lock_timeout, on_wait=lambda message: click.echo(message, err=True)):
             _run(encoders, files, unreadable, images, output, storage, batch_size, detections, local_file, captions,
-                 editing, removals, root, search, progress, detector, tiling, scene_extra)
+                 editing, removals, root, search, progress, detector, tiling, scene_extra, records_kind)
     finally:
         if encoders is not None:
             encoders.close()
@@ -351,7 +356,7 @@ def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], image
          storage: str | None, batch_size: int, detections: Path | None, local_file: Path | None,
          captions: list[str] | None, editing: bool, removals: list[str], root: Path | None, search: "SearchChoice",
          progress: bool, detector: Path | None = None, tiling: Any = None,
-         scene_extra: dict[str, dict[str, Any]] | None = None) -> None:
+         scene_extra: dict[str, dict[str, Any]] | None = None, records_kind: str = "auto") -> None:
     """Load or build the index, apply the edits and save it (the body of :func:`main`)."""
     index = None
     if editing:
@@ -409,9 +414,13 @@ def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], image
         except QueryError as exc:
             raise InputError(f"text bank: {exc}") from None
         click.echo(f"text bank: {_count(len(captions), 'caption')}")
-    index.save(output)
+    index.save(output, records=records_kind)
+    from galr.runtime.index.records_sqlite import SqliteRecordStore
+
+    where = "records in SQLite beside it" if isinstance(index.record_store, SqliteRecordStore) or (
+        records_kind == "sqlite") else "records inside"
     click.echo(f"index: {_count(len(index), 'image')}, {index.storage}, {index.images.kind} search, "
-               f"text bank {_count(len(index.text_bank_texts), 'caption')}")
+               f"text bank {_count(len(index.text_bank_texts), 'caption')}, {where}")
 
 
 __all__ = ["main"]

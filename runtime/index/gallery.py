@@ -331,11 +331,17 @@ class GalleryIndex:
         return self.images.scores(self._checked_queries(query_embeddings), **params)
 
     # -- persistence --------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the index to one ``.gidx`` file, atomically (see :mod:`galr.runtime.index.store`)."""
+    def save(self, path: str | os.PathLike, records: str = "auto") -> Path:
+        """Write the index to one ``.gidx`` file, atomically (see :mod:`galr.runtime.index.store`);
+        ``records``: ``"json"``, ``"sqlite"`` (a checked file beside it) or ``"auto"``."""
         from galr.runtime.index.store import save_index
 
-        return save_index(self, Path(path))
+        return save_index(self, Path(path), records)
+
+    @property
+    def record_store(self) -> Any:
+        """Where the records live: an in-memory :class:`RecordStore` or a SQLite-backed store."""
+        return self._records
 
     @classmethod
     def from_parts(cls, header: dict[str, Any], records: RecordStore, images: Searcher, text_bank: Searcher,

@@ -6,7 +6,9 @@ Version 2 layout::
                        version, the bundle that built it, each searcher's kind, storage and
                        parameters, the SHA-256 and size of every other member, and its own hash
     records.json       [{"id", "path", "width", "height", "lat", "lon", "footprint", "extra"}, ...]
-                       in gallery order (the order of images/keys.npy)
+                       in gallery order (the order of images/keys.npy); or, for large indexes, a
+                       SQLite file beside the index named (and SHA-256 checked) by the header's
+                       ``records`` entry (:mod:`~galr.runtime.index.records_sqlite`)
     text_bank.json     ["caption", ...] in the text bank's key order
     images/...         the image searcher's members (exact: keys.npy, vectors.npy)
     text_bank/...      the text bank searcher's members
@@ -67,12 +69,43 @@ def _searcher_entry(searcher: Searcher, params: Mapping[str, Any]) -> dict[str, 
     return {"kind": searcher.kind, "storage": searcher.storage, "count": len(searcher), "params": dict(params)}
 
 
-def save_index(index: GalleryIndex, path: Path) -> Path:
-    """Write ``index`` to ``path`` atomically (format version 2)."""
+#: ``records="auto"`` keeps records in SQLite beyond this many images (and once they are there).
+SQLITE_RECORDS_FROM = 100_000
+RECORD_STORES = ("auto", "json", "sqlite")
+
+
+def _records_kind(index: GalleryIndex, records: str) -> str:
+    if records not in RECORD_STORES:
+        raise InputError(f"records must be one of {list(RECORD_STORES)}, got {records!r}")
+    if records != "auto":
+        return records
+    from galr.runtime.index.records_sqlite import SqliteRecordStore
+
+    sqlite = isinstance(index.record_store, SqliteRecordStore) or len(index) > SQLITE_RECORDS_FROM
+    return "sqlite" if sqlite else "json"
+
+
+def _sqlite_siblings(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{path.name}.records-*.sqlite"))
+
+
+def save_index(index: GalleryIndex, path: Path, records: str = "auto") -> Path:
+    """Write ``index`` to ``path`` atomically (format version 2).
+
+    Args:
+        index: the index.
+        path: the ``.gidx`` file.
+        records: ``"json"`` (a member of the file), ``"sqlite"`` (a checked SQLite file beside it,
+            :mod:`~galr.runtime.index.records_sqlite`), or ``"auto"`` (SQLite past
+            :data:`SQLITE_RECORDS_FROM` images or when the index already uses it).
+    """
+    kind = _records_kind(index, records)
+    sqlite_entry = _write_sqlite(index, path) if kind == "sqlite" else None
     with ContainerWriter(path) as writer:
         images = _searcher_entry(index.images, index.images.save(writer, IMAGES_PREFIX))
         text_bank = _searcher_entry(index.text_bank, index.text_bank.save(writer, TEXT_BANK_PREFIX))
-        writer.write_json(RECORDS, [record.to_dict() for record in index.records])
+        if sqlite_entry is None:
+            writer.write_json(RECORDS, [record.to_dict() for record in index.records])
         writer.write_json(TEXT_BANK_TEXTS, index.text_bank_texts)
         header = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model_hash": index.model_hash,
@@ -82,8 +115,28 @@ def save_index(index: GalleryIndex, path: Path) -> Path:
             "created": index.created, "updated": index.updated, "searchers": {"images": images, "text_bank": text_bank},
             "members": writer.entries,
         }
+        if sqlite_entry is not None:
+            header["records"] = sqlite_entry
         writer.write_table(HEADER, header, HEADER_HASH_FIELD)  # the one member people read
+    named = path.parent / sqlite_entry["file"] if sqlite_entry is not None else None
+    for sibling in _sqlite_siblings(path):  # only the new file is named by the index now
+        if sibling != named:
+            sibling.unlink(missing_ok=True)
     return path
+
+
+def _write_sqlite(index: GalleryIndex, path: Path) -> dict[str, Any]:
+    from galr.runtime.index.records_sqlite import SqliteRecordStore, file_sha256, write_sqlite_records
+
+    store = index.record_store
+    if isinstance(store, SqliteRecordStore) and not store.edited and store.path.parent == path.parent \
+            and store.path.name.startswith(f"{path.name}.records-"):
+        file, digest, size = store.path, file_sha256(store.path), store.path.stat().st_size  # unchanged: reuse
+    else:
+        base = store if isinstance(store, SqliteRecordStore) else None
+        pairs = zip(store.keys(), store) if base is None else ()
+        file, digest, size = write_sqlite_records(pairs, path.parent, path.name, base=base)
+    return {"kind": "sqlite", "file": file.name, "sha256": digest, "size": size, "count": len(index)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +224,35 @@ class _PrefixedEntries(dict):
         raise self._reader.damaged(f"member {name!r} is missing")
 
 
-def _records(reader: ContainerReader, header: Mapping[str, Any], keys: np.ndarray) -> RecordStore:
+def _sqlite_records(reader: ContainerReader, header: Mapping[str, Any]) -> Any:
+    from galr.runtime.index.records_sqlite import SqliteRecordStore, file_sha256
+
+    entry = header["records"]
+    if not isinstance(entry, dict) or entry.get("kind") != "sqlite" or not isinstance(entry.get("file"), str) \
+            or "/" in entry["file"] or not _is_count(entry.get("size")) or entry.get("count") != header["count"]:
+        raise reader.damaged(f"{HEADER} has no valid 'records' entry")
+    file = reader.path.parent / entry["file"]
+    if not file.is_file():
+        raise IndexFormatError(f"{reader.path}: its records file {file.name} is missing (copy it along with the "
+                               f"index: the two travel together). {_fix(reader.path)}")
+    if file.stat().st_size != entry["size"] or file_sha256(file) != entry["sha256"]:
+        raise IndexFormatError(f"{reader.path}: its records file {file.name} fails its size or SHA-256 check. "
+                               f"{_fix(reader.path)}")
+    import sqlite3
+
+    try:
+        store = SqliteRecordStore(file)
+    except sqlite3.Error as exc:
+        raise IndexFormatError(f"{file}: not a readable records database ({exc}). {_fix(reader.path)}") from None
+    if len(store) != header["count"]:
+        store.close()
+        raise reader.damaged(f"the records file holds {len(store)} records, the header says {header['count']}")
+    return store
+
+
+def _records(reader: ContainerReader, header: Mapping[str, Any], keys: np.ndarray) -> Any:
+    if "records" in header:
+        return _sqlite_records(reader, header)
     entry = header["members"].get(RECORDS)
     if entry is None:
         raise reader.damaged(f"member {RECORDS!r} is missing")
@@ -236,4 +317,4 @@ def load_index(path: str | os.PathLike, expected_model_hash: str | None = None, 
     return GalleryIndex.from_parts(header, records, images, text_bank, texts)
 
 
-__all__ = ["FORMAT_VERSION", "IndexFormatError", "load_index", "save_index"]
+__all__ = ["FORMAT_VERSION", "RECORD_STORES", "SQLITE_RECORDS_FROM", "IndexFormatError", "load_index", "save_index"]
