@@ -295,6 +295,33 @@ def test_batcher_drops_requests_whose_caller_gave_up_and_bounds_its_queue():
     assert calls == [["stay", "here"]]  # the abandoned query was never computed
 
 
+def test_clients_answered_by_one_batch_join_the_next_one_instead_of_halving_it():
+    """Closed-loop clients (each sends again when answered): two cohorts must merge into full batches."""
+    sizes: list[int] = []
+
+    def run(queries, top_k, rerank, search):
+        sizes.append(len(queries))
+        time.sleep(0.02)  # the encoder: 20 ms a batch
+        return [_Result(q) for q in queries]
+
+    async def client(batcher, number: int, rounds: int) -> None:
+        if number % 2:
+            await asyncio.sleep(0.01)  # the second cohort arrives while the first batch computes
+        for _ in range(rounds):
+            await batcher.search([f"q{number}"], 1, False, {})
+            await asyncio.sleep(0.001)  # the HTTP round trip before the next request
+
+    async def scenario():
+        batcher = QueryBatcher(run, max_batch_queries=8, max_wait_ms=5, max_queued_queries=64)
+        batcher.start()
+        await asyncio.gather(*(client(batcher, n, 6) for n in range(8)))
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert sizes[0] == 4 and sum(sizes) == 48
+    assert set(sizes[1:-1]) == {8}, sizes  # steady state: every client in each batch (the last: a straggler cohort)
+
+
 # ---------------------------------------------------------------------------------------------
 # The page, in a real headless browser
 

@@ -100,6 +100,7 @@ class QueryBatcher:
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="galr-search")
+        self._last_answered = 0.0
 
     @property
     def queued_queries(self) -> int:
@@ -167,7 +168,11 @@ class QueryBatcher:
             await self._arrived.wait()
             self._arrived.clear()
             while self._queue:
-                deadline = self._queue[0].arrived + self._max_wait
+                # The wait counts from the later of the oldest arrival and the end of the last batch: the
+                # clients just answered get max_wait to send their next request and join this batch, so
+                # under steady load the batch holds every client (one full batch, not two half ones:
+                # the text encoder reads its weights once per batch, whatever its size).
+                deadline = max(self._queue[0].arrived, self._last_answered) + self._max_wait
                 while self._waiting() < self._max_batch and (remaining := deadline - time.perf_counter()) > 0:
                     try:
                         await asyncio.wait_for(self._arrived.wait(), remaining)
@@ -191,6 +196,7 @@ class QueryBatcher:
                     request.future.set_result(answer)
         finally:
             self._queued -= sum(len(request.queries) for request in batch)
+            self._last_answered = time.perf_counter()
 
 
 __all__ = ["QueryBatcher", "RunBatch", "SearchCall", "answer_together"]
