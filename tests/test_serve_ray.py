@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from galr.errors import InputError, UnavailableError
-from galr.runtime.serve.ray import RaySettings, check_address
+from galr.runtime.ray_cluster import check_address
+from galr.runtime.serve.ray import RaySettings
 from tests.test_runtime_cli import deployment  # noqa: F401  (the shared module fixture)
 
 

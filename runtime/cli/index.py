@@ -192,6 +192,17 @@ def _encode_with_scenes(encoders: Any, files: list[Path], tiling: Any, local: An
 
 
 @dataclass(frozen=True)
+class RayJob:
+    """What --ray asked for: the cluster and pool, and how the workers load the engine."""
+
+    settings: Any
+    bundle: str
+    backend: str
+    device: str
+    precision: str
+
+
+@dataclass(frozen=True)
 class SearchChoice:
     """What --search and --search-setting asked for (``kind`` None: keep or pick automatically)."""
 
@@ -281,6 +292,16 @@ def _size_text(size: int) -> str:
               help="Where records live: inside the .gidx (json), or in a checked SQLite file beside it (sqlite: "
                    "indexes of millions open in seconds and read only the records they show). auto: SQLite past "
                    "100,000 images or when the index already uses it. `--update --records sqlite` migrates an index.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[HOST:PORT]",
+              help="Encode on Ray (Ray Data, `pip install 'galr[ray]'`): on this machine, or on the cluster whose "
+                   "head is HOST:PORT. Resumable: run the same command again after an interruption and only "
+                   "the missing shards are encoded. Images must be readable at the same paths on every node.")
+@click.option("--ray-workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="--ray: encoder actors (each loads the engine once).")
+@click.option("--ray-worker-cpus", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+              help="--ray: CPUs Ray reserves per encoder actor.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="--ray: images per shard (the unit of work and of resumption).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index at --output with a new one.")
 @click.option("--lock-timeout", type=click.FloatRange(min=0), default=600, show_default=True,
               help="Seconds to wait while another galr-index writes the same index, then give up (exit 2).")
@@ -290,7 +311,8 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, detect
          storage: str | None, batch_size: int, backend: str, device: str, precision: str, text_bank: Path | None,
          update: bool, remove_ids: tuple[str, ...], root: Path | None, search_kind: str | None,
          search_settings: tuple[str, ...], tile_sizes: str | None, overlap: int, bands: str | None, stretch: str,
-         min_valid: float, records_kind: str, overwrite: bool, lock_timeout: float, progress: bool) -> None:
+         min_valid: float, records_kind: str, ray_address: str | None, ray_workers: int, ray_worker_cpus: float,
+         shard_size: int, overwrite: bool, lock_timeout: float, progress: bool) -> None:
     """Embed the images in IMAGES (folders are scanned for png/jpg/tif/bmp) into a gallery index.
 
     The index holds one embedding per image, the images' metadata, the model hash of the bundle
@@ -318,6 +340,16 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, detect
 
     search = SearchChoice(search_kind, _settings(search_settings))
     tiling = _tiling(tile_sizes, overlap, bands, stretch, min_valid)
+    ray_job = None
+    if ray_address is not None:
+        if editing or tiling is not None or detector is not None or local_file is not None:
+            raise click.UsageError("--ray builds a new index from image files (with --detections at most); it does "
+                                   "not combine with --update/--remove, --tile, --detector or --local")
+        from galr.runtime.index.distributed import DistributedSettings
+
+        ray_job = RayJob(DistributedSettings(address=ray_address, workers=ray_workers, cpus_per_worker=ray_worker_cpus,
+                                             shard_size=shard_size, batch_size=batch_size),
+                         str(bundle), backend, device, precision)
     started = time.perf_counter()
     captions = [line.text for line in read_text_lines(text_bank, "captions")] if text_bank is not None else None
     stac_files = [argument for argument in images if argument.suffix.lower() == ".json"]
@@ -344,7 +376,7 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, detect
         # From reading the index to replacing it, no other writer may save it: its edits would be lost.
         with exclusive_lock(output, timeout=lock_timeout, on_wait=lambda message: click.echo(message, err=True)):
             _run(encoders, files, unreadable, images, output, storage, batch_size, detections, local_file, captions,
-                 editing, removals, root, search, progress, detector, tiling, scene_extra, records_kind)
+                 editing, removals, root, search, progress, detector, tiling, scene_extra, records_kind, ray_job)
     finally:
         if encoders is not None:
             encoders.close()
@@ -356,7 +388,8 @@ def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], image
          storage: str | None, batch_size: int, detections: Path | None, local_file: Path | None,
          captions: list[str] | None, editing: bool, removals: list[str], root: Path | None, search: "SearchChoice",
          progress: bool, detector: Path | None = None, tiling: Any = None,
-         scene_extra: dict[str, dict[str, Any]] | None = None, records_kind: str = "auto") -> None:
+         scene_extra: dict[str, dict[str, Any]] | None = None, records_kind: str = "auto",
+         ray_job: "RayJob | None" = None) -> None:
     """Load or build the index, apply the edits and save it (the body of :func:`main`)."""
     index = None
     if editing:
@@ -371,7 +404,18 @@ def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], image
     if files:
         local = _local_input(detections, local_file, encoders, detector)
         image_root = _image_root(images, root, index)
-        if tiling is not None:
+        if ray_job is not None:
+            from galr.runtime.index.distributed import build_index_on_ray
+
+            index, skipped = build_index_on_ray(
+                ray_job.bundle, files, output, ray_job.settings, model_hash=encoders.model_hash,
+                embed_dim=encoders.embed_dim, root=None if image_root is None else str(image_root),
+                local=None if detections is None else str(detections), backend=ray_job.backend, device=ray_job.device,
+                precision=ray_job.precision, storage=storage or "fp32", searcher=search.kind or "auto",
+                searcher_params=search.settings, log=click.echo, progress=progress)
+            without: set[str] = set()
+            indexed, replaced = len(index), 0
+        elif tiling is not None:
             (records, embeddings, skipped), without = _encode_quietly(
                 _encode_with_scenes, encoders, files, tiling, local, batch_size, progress, image_root, scene_extra)
             if index is None:
@@ -415,6 +459,10 @@ def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], image
             raise InputError(f"text bank: {exc}") from None
         click.echo(f"text bank: {_count(len(captions), 'caption')}")
     index.save(output, records=records_kind)
+    if ray_job is not None:
+        from galr.runtime.index.distributed import remove_shard_folder
+
+        remove_shard_folder(Path(f"{output}.shards"))  # saved: the shards are no longer needed
     from galr.runtime.index.records_sqlite import SqliteRecordStore
 
     where = "records in SQLite beside it" if isinstance(index.record_store, SqliteRecordStore) or (

@@ -16,11 +16,11 @@ its pages instead of holding a copy each. Ray replaces a replica that dies or fa
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from typing import Any
 
 from galr.errors import InputError, UnavailableError
+from galr.runtime.ray_cluster import check_address, check_address_form
 from galr.runtime.serve.settings import ServeSettings
 
 INSTALL_HINT = "pip install 'galr[ray]'"
@@ -51,10 +51,7 @@ class RaySettings:
         if self.cpus_per_replica <= 0:
             raise InputError(f"cpus_per_replica must be positive, got {self.cpus_per_replica}")
         if self.address is not None:
-            host, _, port = self.address.rpartition(":")
-            if not host or not port.isdigit():
-                raise InputError(f"--address must be HOST:PORT of the Ray head (e.g. 10.0.0.5:6379), got "
-                                 f"{self.address!r}")
+            check_address_form(self.address)
 
 
 def require_ray() -> Any:
@@ -65,21 +62,6 @@ def require_ray() -> Any:
     except ImportError:
         raise UnavailableError(f"galr-serve --ray needs Ray Serve: {INSTALL_HINT}") from None
     return ray
-
-
-def check_address(address: str, timeout_s: float = 5.0) -> None:
-    """Refuse a Ray address nothing answers at, at once (``ray.init`` would retry for minutes).
-
-    Raises:
-        UnavailableError: no TCP listener at ``address``.
-    """
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            return
-    except OSError as exc:
-        raise UnavailableError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one with "
-                               "`ray start --head` or leave out --address to run Ray on this machine") from None
 
 
 def galr_application(settings: ServeSettings, ray_settings: RaySettings) -> Any:
@@ -155,4 +137,4 @@ def serve_on_ray(settings: ServeSettings, ray_settings: RaySettings, *, block: b
             ray.shutdown()
 
 
-__all__ = ["RaySettings", "check_address", "galr_application", "require_ray", "serve_on_ray"]
+__all__ = ["RaySettings", "galr_application", "require_ray", "serve_on_ray"]
