@@ -155,3 +155,25 @@ def test_galr_index_runs_the_detector_on_every_image(tmp_path, monkeypatch):
     assert all(hasattr(local, "detect_one") for _, local in engines[0].calls)
     both = CliRunner().invoke(index_cli.main, ["scenes", "--detector", "det.onnx", "--detections", "scenes"])
     assert both.exit_code == 2 and "give one of --detections, --local or --detector" in both.output
+
+
+def test_galr_serve_runs_its_detector_on_uploaded_images(deployment, tmp_path):  # noqa: F811
+    pytest.importorskip("fastapi", reason="galr-serve needs the serve extra")
+    pytest.importorskip("httpx", reason="the FastAPI test client needs httpx")
+    from galr.runtime.serve import ServeSettings, create_app
+    from tests.test_serve import started
+
+    engine = deployment["engine"]
+    path = deployment["root"] / "images" / "img_02.png"
+    detector_file = write_detector(tmp_path / "det.onnx")
+    client = started(create_app(ServeSettings(bundle=deployment["bundle"], index=deployment["index"],
+                                              detector=detector_file), encoders=engine))
+    try:
+        answer = client.post("/v1/embed/image", files={"image": ("img.png", path.read_bytes(), "image/png")}).json()
+        detector = load_detector(detector_file, drea_classes=engine.spec.drea.classes)
+        np.testing.assert_allclose(answer["embedding"], engine.encode_images([path], local=detector)[0], atol=1e-5)
+        assert "det.onnx" in answer["note"]
+        found = client.post("/v1/search/image", files={"image": ("img.png", path.read_bytes(), "image/png")}).json()
+        assert found["images"] and "det.onnx" in found["note"]
+    finally:
+        client.__exit__(None, None, None)

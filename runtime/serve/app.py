@@ -95,6 +95,7 @@ class Service:
         self.settings = settings
         self.encoders = encoders
         self.retriever: Any = None
+        self.detector: Any = None
         self.ready = False
         self.failure: str | None = None
         self._reload_lock = threading.Lock()
@@ -107,6 +108,10 @@ class Service:
             if self.encoders is None:
                 self.encoders = load_engine(self.settings.bundle, backend=self.settings.backend,
                                             device=self.settings.device, precision=self.settings.precision)
+            if self.settings.detector is not None:
+                from galr.runtime.detector import load_detector
+
+                self.detector = load_detector(self.settings.detector, drea_classes=self.encoders.spec.drea.classes)
             self.retriever = self._retriever(self._read_index())
             if self.settings.warmup:
                 quietly(self.encoders.encode_text, ["warm up"])  # the words may not be in the vocabulary
@@ -363,14 +368,19 @@ def create_app(settings: ServeSettings, *, encoders: Any = None, reload_on_sighu
             raise InputError(f"the uploaded file {upload.filename!r} is empty")
         stream = io.BytesIO(data)
         stream.name = upload.filename or "upload"
-        # No detections come with an upload: DREA's documented all-zero fallback, without a warning each time.
-        return await timed(batcher.run_blocking(quietly, svc.encoders.encode_images, [stream]))
+        # The service's detector gives the DREA input; without one, the documented all-zero fallback
+        # (without a warning each time).
+        return await timed(batcher.run_blocking(quietly, svc.encoders.encode_images, [stream], svc.detector))
+
+    def drea_note() -> str:
+        if service.detector is not None:
+            return f"DREA input from the service's detector ({service.settings.detector.name})"
+        return "no detections were given: the local branch used its all-zero fallback"
 
     @app.post("/v1/embed/image", dependencies=[Depends(authorised)])
     async def embed_image(image: UploadFile = File(...)) -> dict[str, Any]:
         vector = await embed_upload(image)
-        return {"dim": int(vector.shape[1]), "embedding": vector[0].astype("float32").tolist(),
-                "note": "no detections were given: the local branch used its all-zero fallback"}
+        return {"dim": int(vector.shape[1]), "embedding": vector[0].astype("float32").tolist(), "note": drea_note()}
 
     @app.post("/v1/search/image", dependencies=[Depends(authorised)])
     async def search_image(image: UploadFile = File(...), top_k: int = Form(10, ge=1),
@@ -387,7 +397,7 @@ def create_app(settings: ServeSettings, *, encoders: Any = None, reload_on_sighu
                         if retriever.has_text_bank else [])
             return {"images": _public(images[0])["hits"],
                     "captions": _public(captions[0])["hits"] if captions else [],
-                    "reranked": bool(captions and captions[0].reranked)}
+                    "reranked": bool(captions and captions[0].reranked), "note": drea_note()}
 
         return await timed(batcher.run_blocking(both))
 

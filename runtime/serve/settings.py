@@ -42,6 +42,8 @@ class ServeSettings:
         request_timeout_s: a request not answered by then gets 504.
         cors_origins: origins allowed by CORS (none: CORS headers are not sent).
         warmup: encode one query before reporting ready.
+        detector: an Ultralytics oriented-box detector ONNX run on every uploaded image for the
+            DREA input (``None``: uploads use the all-zero no-detection fallback).
     """
 
     bundle: Path = Path(paths.DEFAULT_BUNDLE)
@@ -62,9 +64,12 @@ class ServeSettings:
     request_timeout_s: float = 30.0
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
     warmup: bool = True
+    detector: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bundle", Path(self.bundle))
+        if self.detector is not None:
+            object.__setattr__(self, "detector", Path(self.detector))
         object.__setattr__(self, "index", Path(self.index))
         for name in ("max_body_bytes", "max_queries", "max_query_chars", "max_top_k", "max_batch_queries",
                      "max_queued_queries"):
