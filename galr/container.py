@@ -232,12 +232,14 @@ class ContainerReader:
         with self.open_member(name, entry) as stream:
             return stream.read()
 
-    def read_array(self, name: str, entry: Mapping[str, Any], dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+    def read_array(self, name: str, entry: Mapping[str, Any], dtype: Any, shape: tuple[int, ...],
+                   mapped: bool | None = None) -> np.ndarray:
         """A checked ``.npy`` member that must hold ``dtype`` and ``shape``.
 
         The ``.npy`` header is checked against both, and against the member's size, before any array
         is allocated: a damaged header declaring terabytes is refused, not attempted. Object arrays
-        (pickles) are never loaded.
+        (pickles) are never loaded. ``mapped`` (default: the reader's ``map_arrays``) returns a
+        read-only memory map of a stored member instead of a copy.
         """
         expected = np.dtype(dtype)
         with self.open_member(name, entry) as stream:
@@ -252,7 +254,8 @@ class ContainerReader:
                 raise self.damaged(f"member {name!r} holds {found_dtype} {tuple(found_shape)}, expected {expected} "
                                    f"{tuple(shape)}")
             nbytes = expected.itemsize * int(np.prod(shape))
-            data_offset = self._stored_data_offset(name) if self._map_arrays and nbytes else None
+            wanted = self._map_arrays if mapped is None else mapped
+            data_offset = self._stored_data_offset(name) if wanted and nbytes else None
             array = None if data_offset is not None else np.empty(shape, dtype=expected)
             header_bytes = stream.size  # the stream still reads and hashes the whole member on leaving
             if array is not None:

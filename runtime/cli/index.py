@@ -272,7 +272,8 @@ def _size_text(size: int) -> str:
                    "keeps its own unless this is given]")
 @click.option("--search-setting", "search_settings", multiple=True, metavar="NAME=INT",
               help="A build setting of the approximate searcher (repeat): ivf/ivfpq nlist, nprobe, train_size, "
-                   "m, nbits; hnsw M, ef_construction, ef.")
+                   "m, nbits, rerank (ivfpq: re-score rerank x k candidates with exact vectors kept on disk); hnsw M, "
+                   "ef_construction, ef.")
 @click.option("--tile", "tile_sizes", default=None, metavar="PX[,PX...]",
               help="Tile GeoTIFF scenes (.tif/.tiff) into windows of this many pixels (several sizes: 256,512); "
                    "each tile is indexed with its scene, window, CRS, ground sample distance, centre and WGS84 "

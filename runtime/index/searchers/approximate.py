@@ -37,9 +37,10 @@ import numpy as np
 from galr.container import ContainerReader, ContainerWriter
 from galr.errors import InputError, UnavailableError
 from galr.runtime.index.searchers.exact import SEARCH_DEVICES, merge_top_k, top_k_block
-from galr.runtime.index.vectors import checked_storage
+from galr.runtime.index.vectors import STORAGE_DTYPES, checked_storage
 
 KEYS_MEMBER, FAISS_MEMBER = "keys.npy", "faiss.index"
+EXACT_MEMBER = "exact.npy"  # ivfpq with rerank: the exact vectors, in the order of keys.npy
 #: Largest HNSW search beam accepted.
 MAX_EF = 32768
 #: Rows reconstructed and scored at a time by :meth:`ApproximateSearcher.scores` and the exact fallback.
@@ -83,6 +84,9 @@ class IvfSettings:
         train_size: most rows the quantiser is trained on (a seeded sample); ``None``: ``64 nlist``.
         m: PQ sub-quantisers (``ivfpq`` only); ``None`` picks ``D // 8`` (a divisor of ``D``).
         nbits: bits per PQ code (``ivfpq`` only).
+        rerank: ``ivfpq`` only: keep the exact vectors beside the codes (a member of the ``.gidx``,
+            memory-mapped when read, so they stay on disk) and re-score ``rerank x k`` PQ candidates
+            exactly; ``0`` = PQ scores only.
     """
 
     nlist: int | None = None
@@ -90,6 +94,7 @@ class IvfSettings:
     train_size: int | None = None
     m: int | None = None
     nbits: int = 8
+    rerank: int = 0
 
     def checked(self) -> "IvfSettings":
         _positive(self.nlist, "nlist", optional=True)
@@ -97,6 +102,8 @@ class IvfSettings:
         _positive(self.train_size, "train_size", optional=True)
         _positive(self.m, "m", optional=True)
         _positive(self.nbits, "nbits", upper=16)
+        if self.rerank:
+            _positive(self.rerank, "rerank", upper=1000)
         return self
 
 
@@ -454,6 +461,83 @@ class IvfPqSearcher(IvfSearcher):
 
     def _structure_class(self) -> type:
         return self._faiss.IndexIVFPQ
+
+    # -- exact re-ranking from vectors kept beside the codes ------------------------------------
+    _exact: np.ndarray | None = None  # rows in the order of _keys (storage dtype; a memory map when read)
+    _lookup: tuple[np.ndarray, np.ndarray] | None = None  # sorted keys, and their rows
+
+    def _rows_of(self, keys: np.ndarray) -> np.ndarray:
+        if self._lookup is None:
+            order = np.argsort(self._keys, kind="stable")
+            self._lookup = (self._keys[order], order)
+        sorted_keys, order = self._lookup
+        places = np.clip(np.searchsorted(sorted_keys, keys), 0, max(len(sorted_keys) - 1, 0))
+        if len(sorted_keys) == 0 or not np.array_equal(sorted_keys[places], keys):
+            raise KeyError(f"key {self._missing(keys)[:1] or '?'} is not in the searcher")
+        return order[places]
+
+    def _exact_rows(self) -> np.ndarray:
+        if self._exact is None:
+            self._exact = np.zeros((0, self.dim), STORAGE_DTYPES[self.storage])
+        return self._exact
+
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        super().add(keys, vectors)
+        if self.settings.rerank:
+            rows = np.asarray(vectors, dtype=STORAGE_DTYPES[self.storage]).reshape(-1, self.dim)
+            self._exact, self._lookup = np.concatenate([self._exact_rows(), rows]), None
+
+    def replace(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        super().replace(keys, vectors)
+        if self.settings.rerank:
+            self._exact = np.array(self._exact_rows())  # a memory map is read-only: edit a copy
+            self._exact[self._rows_of(np.asarray(keys, np.int64).reshape(-1))] = np.asarray(vectors).reshape(-1, self.dim)
+
+    def remove(self, keys: np.ndarray) -> None:
+        keep = ~np.isin(self._keys, np.asarray(keys, np.int64).reshape(-1))
+        super().remove(keys)
+        if self.settings.rerank:
+            self._exact, self._lookup = np.array(self._exact_rows()[keep]), None
+
+    def reconstruct(self, keys: np.ndarray) -> np.ndarray:
+        """The exact vectors when they are kept (``rerank``), else the PQ reconstructions."""
+        if not self.settings.rerank:
+            return super().reconstruct(keys)
+        keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+        return self._exact_rows()[self._rows_of(keys)].astype(np.float32) if len(keys) else \
+            np.zeros((0, self.dim), np.float32)
+
+    def search(self, queries: np.ndarray, k: int, *, device: str = "auto", allowed: np.ndarray | None = None,
+               **params: Any) -> tuple[np.ndarray, np.ndarray]:
+        """PQ search; with ``rerank``, ``rerank x k`` PQ candidates re-scored with the exact vectors."""
+        if not self.settings.rerank:
+            return super().search(queries, k, device=device, allowed=allowed, **params)
+        k = min(int(k), len(self))
+        wide = min(len(self), max(k, k * self.settings.rerank))
+        _, candidates = super().search(queries, wide, device=device, allowed=allowed, **params)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if candidates.shape[1] == 0:
+            return candidates.astype(np.float32), candidates
+        vectors = self._exact_rows()[self._rows_of(candidates.reshape(-1))].astype(np.float32)
+        exact = np.einsum("qd,qkd->qk", queries, vectors.reshape(*candidates.shape, self.dim))
+        order = np.lexsort((candidates, -exact), axis=-1)[:, :k]  # best exact score, ties by key
+        return np.take_along_axis(exact, order, 1).astype(np.float32), np.take_along_axis(candidates, order, 1)
+
+    def save(self, writer: ContainerWriter, prefix: str) -> dict[str, Any]:
+        params = super().save(writer, prefix)
+        if self.settings.rerank:
+            writer.write_array(prefix + EXACT_MEMBER, self._exact_rows())
+        return params
+
+    @classmethod
+    def load(cls, reader: ContainerReader, entries: Mapping[str, Any], prefix: str, *, dim: int, storage: str,
+             count: int, params: Mapping[str, Any]) -> "ApproximateSearcher":
+        searcher = super().load(reader, entries, prefix, dim=dim, storage=storage, count=count, params=params)
+        if searcher.settings.rerank:
+            # Memory-mapped: the exact vectors stay on disk; a query reads only its candidates' rows.
+            searcher._exact = reader.read_array(prefix + EXACT_MEMBER, entries[prefix + EXACT_MEMBER],
+                                                STORAGE_DTYPES[storage], (count, dim), mapped=True)
+        return searcher
 
 
 class HnswSearcher(ApproximateSearcher):
