@@ -51,10 +51,13 @@ def _format_report(report) -> str:
 @click.option("--gate-images", type=int, default=0, show_default=True, help="Images for the mR gates (0 = whole split).")
 @click.option("--max-text-length", type=click.IntRange(min=1), default=None,
               help="Longest query, in tokens  [default: the checkpoint's]")
+@click.option("--detector", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Store this Ultralytics oriented-box detector ONNX in the bundle; galr-index, galr-run, "
+                   "galr-locate and galr-serve then use it for the DREA input by default.")
 @click.option("--tensorrt", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Build TensorRT engines: auto = when TensorRT and a GPU are present; yes = fail otherwise.")
 def main(checkpoint, vocab, output, fp16, int8, dataset, split, calibration_split, calibration_method,
-         calibration_images, gate_images, max_text_length, tensorrt) -> None:
+         calibration_images, gate_images, max_text_length, detector, tensorrt) -> None:
     """Export a trained GaLR to a gated, self-describing galr.plan bundle.
 
     With no arguments it exports the demo model made by `galr-demo`; `galr-export --fp16` adds
@@ -72,7 +75,7 @@ def main(checkpoint, vocab, output, fp16, int8, dataset, split, calibration_spli
     settings = ExportSettings(checkpoint=checkpoint, output=output, vocab=vocab, fp16=fp16, int8=int8, dataset=dataset,
                               split=split, calibration_split=calibration_split, calibration_method=calibration_method,
                               calibration_images=calibration_images, gate_images=gate_images,
-                              max_text_length=max_text_length, tensorrt=tensorrt)
+                              max_text_length=max_text_length, tensorrt=tensorrt, detector=detector)
     log = lambda message: click.echo(f"[galr-export] {message}", err=True)  # noqa: E731
     report = export_bundle(settings, log=log)
     click.echo(_format_report(report))

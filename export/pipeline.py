@@ -26,6 +26,7 @@ import numpy as np
 import galr
 from galr import graphs
 from galr.bundle import (
+    DETECTOR_MEMBER,
     Bundle,
     build_bundle,
     model_hash,
@@ -65,6 +66,8 @@ class ExportSettings:
         tensorrt: ``"auto"`` (build engines when TensorRT and a GPU exist), ``"yes"`` (fail when they do
             not), ``"no"``.
         opset: ONNX opset.
+        detector: an Ultralytics OBB detector ONNX stored in the bundle (checked first: metadata, output
+            layout, classes that map to DREA categories); the runtime then uses it by default.
     """
 
     checkpoint: Path
@@ -84,6 +87,7 @@ class ExportSettings:
     max_text_length: int | None = None
     tensorrt: str = "auto"
     opset: int = 17
+    detector: Path | None = None
 
 
 @dataclass
@@ -254,6 +258,7 @@ def export_bundle(settings: ExportSettings, log: Callable[[str], None] = print) 
         check_engine_build_possible()
     loaded = load_checkpoint(settings.checkpoint, vocab=settings.vocab)
     spec = loaded.spec.with_max_text_length(settings.max_text_length)
+    detector = _checked_detector(settings.detector, spec, log) if settings.detector is not None else None
     inputs, report.inputs = _parity_inputs(settings, loaded, spec, log)
 
     log(f"exporting 4 graphs (opset {settings.opset})")
@@ -276,6 +281,8 @@ def export_bundle(settings: ExportSettings, log: Callable[[str], None] = print) 
 
     members = {onnx_member(p, n): data for p, graphs_ in graph_bytes.items() for n, data in graphs_.items()}
     manifest = build_manifest(loaded, spec, settings.checkpoint, graph_bytes, settings, report)
+    if detector is not None:
+        manifest["detector"], members[DETECTOR_MEMBER] = detector
     bundle = build_bundle(settings.output, manifest, members)
     with load_engine(bundle, backend="onnxruntime", device="cpu", precision="fp32") as encoders:
         report.parity["fp32"] = _check_fp32_graphs(loaded.model, encoders, inputs, settings.parity_images)
@@ -286,6 +293,22 @@ def export_bundle(settings: ExportSettings, log: Callable[[str], None] = print) 
     log(f"wrote {settings.output} ({size / 1e6:.1f} MB; precisions {', '.join(graph_bytes)})")
     _maybe_build_engines(settings, report, log)
     return report
+
+
+def _checked_detector(path: Path, spec, log) -> tuple[dict[str, Any], bytes]:
+    """The manifest entry and bytes of a detector to bundle, after the runtime has loaded it once."""
+    from galr.errors import NotFoundError
+    from galr.runtime.detector import describe, load_detector
+
+    if not Path(path).is_file():
+        raise NotFoundError(f"detector not found: {path}")
+    data = Path(path).read_bytes()
+    with load_detector(data, drea_classes=spec.drea.classes, name=Path(path).name) as detector:
+        log(f"bundling the detector {describe(detector)}")
+        entry = {"member": DETECTOR_MEMBER, "source": Path(path).name, "task": "obb",
+                 "names": list(detector.info.names), "imgsz": list(detector.info.imgsz),
+                 "drea_labels": list(detector.labels), "sha256": sha256_bytes(data)}
+    return entry, data
 
 
 def _maybe_build_engines(settings: ExportSettings, report: ExportReport, log) -> None:

@@ -91,9 +91,16 @@ def _labels(names: Sequence[str], drea_classes: Sequence[str], class_map: Mappin
     return labels
 
 
-def load_detector(path: str | os.PathLike, *, drea_classes: Sequence[str], device: str = "cpu",
-                  settings: DetectorSettings = DetectorSettings()) -> Detector:
-    """Load an Ultralytics OBB detector ONNX for ONNX Runtime on ``device``.
+def load_detector(path: str | os.PathLike | bytes, *, drea_classes: Sequence[str], device: str = "cpu",
+                  settings: DetectorSettings = DetectorSettings(), name: str | None = None) -> Detector:
+    """Load an Ultralytics OBB detector ONNX (a file, or its bytes) for ONNX Runtime on ``device``.
+
+    Args:
+        path: the ``.onnx`` file, or its bytes (a bundled detector).
+        drea_classes: the model's DREA categories (``encoders.spec.drea.classes``).
+        device: where ONNX Runtime runs it.
+        settings: thresholds and class map.
+        name: what messages call it (default: the file's path).
 
     Raises:
         NotFoundError: no such file.
@@ -103,27 +110,62 @@ def load_detector(path: str | os.PathLike, *, drea_classes: Sequence[str], devic
     """
     from galr.runtime.backends.onnxruntime import OnnxRuntimeRunner
 
-    path = Path(path)
-    if not path.is_file():
-        raise NotFoundError(f"detector not found: {path}")
+    if not isinstance(path, bytes):
+        path = Path(path)
+        if not path.is_file():
+            raise NotFoundError(f"detector not found: {path}")
+    label = name or (str(path) if not isinstance(path, bytes) else "<detector bytes>")
     runner = OnnxRuntimeRunner(path, device=device)
     try:
         metadata = dict(runner.session.get_modelmeta().custom_metadata_map)
-        info = ObbModelInfo.from_metadata(metadata, str(path))
+        info = ObbModelInfo.from_metadata(metadata, label)
         runner.activate()
         if len(runner.inputs) != 1 or len(runner.outputs) != 1:
-            raise DetectorModelError(f"{path}: {len(runner.inputs)} inputs and {len(runner.outputs)} outputs; an "
+            raise DetectorModelError(f"{label}: {len(runner.inputs)} inputs and {len(runner.outputs)} outputs; an "
                                      "Ultralytics OBB export has one of each (images -> output0)")
         shape = next(iter(runner.outputs.values())).shape
         channels = 4 + len(info.names) + 1
         if len(shape) != 3 or (isinstance(shape[1], int) and shape[1] != channels):
-            raise DetectorModelError(f"{path}: output of shape {shape}; an OBB model with {len(info.names)} "
+            raise DetectorModelError(f"{label}: output of shape {shape}; an OBB model with {len(info.names)} "
                                      f"classes gives (batch, {channels}, N)")
-        return Detector(runner, info, _labels(info.names, drea_classes, settings.class_map, str(path)), settings,
-                        str(path))
+        return Detector(runner, info, _labels(info.names, drea_classes, settings.class_map, label), settings, label)
     except BaseException:
         runner.close()
         raise
 
 
-__all__ = ["Detector", "DetectorSettings", "load_detector"]
+def bundled_detector(bundle: Any, *, drea_classes: Sequence[str], device: str = "cpu",
+                     settings: DetectorSettings = DetectorSettings()) -> Detector | None:
+    """The detector stored in a bundle by ``galr-export --detector`` (hash-checked), or ``None`` without one."""
+    entry = bundle.detector
+    if entry is None:
+        return None
+    return load_detector(bundle.detector_bytes(), drea_classes=drea_classes, device=device, settings=settings,
+                         name=f"{bundle.path.name}:{entry.get('source', 'detector')}")
+
+
+def choose_detector(explicit: str | os.PathLike | None, bundle: Any, *, drea_classes: Sequence[str],
+                    use_bundled: bool = True, device: str = "cpu") -> tuple[Detector | None, str | None]:
+    """The detector a command runs: the one named, else the bundle's own (unless ``use_bundled`` is off).
+
+    Returns:
+        ``(detector or None, a line saying which one, or None)``.
+    """
+    if explicit is not None:
+        detector = load_detector(explicit, drea_classes=drea_classes, device=device)
+        return detector, f"detector: {describe(detector)}"
+    if use_bundled and bundle is not None and getattr(bundle, "detector", None):
+        detector = bundled_detector(bundle, drea_classes=drea_classes, device=device)
+        return detector, (f"detector: {describe(detector)}, stored in the bundle by galr-export --detector "
+                          "(--no-detector leaves it out)")
+    return None, None
+
+
+def describe(detector: Detector) -> str:
+    """One line for people: where the detector came from, its classes, input size and DREA mapping."""
+    info = detector.info
+    return (f"{detector.source} ({len(info.names)} classes, input {info.imgsz[1]}x{info.imgsz[0]}; "
+            f"{sum(label is not None for label in detector.labels)} map to DREA)")
+
+
+__all__ = ["Detector", "DetectorSettings", "bundled_detector", "choose_detector", "describe", "load_detector"]

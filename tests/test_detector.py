@@ -177,3 +177,54 @@ def test_galr_serve_runs_its_detector_on_uploaded_images(deployment, tmp_path): 
         assert found["images"] and "det.onnx" in found["note"]
     finally:
         client.__exit__(None, None, None)
+
+
+def test_a_bundled_detector_is_checked_stored_and_used_by_default(deployment, tmp_path, monkeypatch):  # noqa: F811
+    import zipfile
+
+    from galr.bundle import DETECTOR_MEMBER, BundleError, read_bundle
+    from galr.export.pipeline import ExportSettings, export_bundle
+    from galr.runtime.cli import index as index_cli
+    from galr.runtime.cli.run import main as run_main
+
+    checkpoint = deployment["root"] / "m.pt"
+    detector_file = write_detector(tmp_path / "det.onnx")
+    bundle_path = tmp_path / "with-detector.plan"
+    export_bundle(ExportSettings(checkpoint=checkpoint, output=bundle_path, tensorrt="no", detector=detector_file),
+                  log=lambda _: None)
+    bundle = read_bundle(bundle_path, verify=True)
+    assert bundle.detector["source"] == "det.onnx" and bundle.detector["task"] == "obb"
+    assert bundle.detector_bytes() == detector_file.read_bytes()
+    # galr-index uses it by default and says so; --no-detector leaves it out
+    images = deployment["root"] / "images"
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(deployment["bank"]) + "\n")
+    used = CliRunner().invoke(index_cli.main, ["--no-progress", str(images), "--engine", str(bundle_path),
+                                               "-o", str(tmp_path / "a.gidx"), "--text-bank", str(captions)])
+    assert used.exit_code == 0, used.output
+    assert "stored in the bundle by galr-export --detector" in used.output and "no-detection fallback" not in used.output
+    left_out = CliRunner().invoke(index_cli.main, ["--no-progress", str(images), "--engine", str(bundle_path),
+                                                   "-o", str(tmp_path / "b.gidx"), "--no-detector"])
+    assert left_out.exit_code == 0 and "no-detection fallback" in left_out.output
+    query = tmp_path / "q.txt"
+    query.write_text(str(images / "img_02.png") + "\n")
+    shown = CliRunner().invoke(run_main, [str(query), "--engine", str(bundle_path), "--index", str(tmp_path / "a.gidx"),
+                                          "--mode", "image2text", "--no-rerank"])
+    assert shown.exit_code == 0 and "stored in the bundle" in shown.output, shown.output
+    # a detector whose classes are no DREA category is refused before anything is written
+    foreign = write_detector(tmp_path / "foreign.onnx", metadata={"names": "{0: 'windmill'}", "task": "obb",
+                                                                   "imgsz": "[64, 64]"},
+                             output=np.zeros((1, 6, 4), np.float32))
+    refused = tmp_path / "refused.plan"
+    with pytest.raises(DetectorModelError, match="none of"):
+        export_bundle(ExportSettings(checkpoint=checkpoint, output=refused, tensorrt="no", detector=foreign),
+                      log=lambda _: None)
+    assert not refused.exists()
+    # a damaged detector member is refused when it is read
+    damaged = tmp_path / "damaged.plan"
+    with zipfile.ZipFile(bundle_path) as source, zipfile.ZipFile(damaged, "w", zipfile.ZIP_STORED) as target:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            target.writestr(info, data[:-1] + bytes([data[-1] ^ 1]) if info.filename == DETECTOR_MEMBER else data)
+    with pytest.raises(BundleError):
+        read_bundle(damaged).detector_bytes()

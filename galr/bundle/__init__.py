@@ -22,6 +22,7 @@ from galr.bundle.engines import (
     select_engine_entry,
 )
 from galr.bundle.format import (
+    DETECTOR_MEMBER,
     FORMAT_VERSION,
     MANIFEST,
     PRECISIONS,
@@ -33,6 +34,7 @@ from galr.bundle.format import (
 )
 
 __all__ = [
+    "DETECTOR_MEMBER",
     "FORMAT_VERSION",
     "MANIFEST",
     "PRECISIONS",

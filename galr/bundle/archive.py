@@ -117,6 +117,23 @@ class Bundle:
             raise BundleError(f"{self.path}: no '{graph}' graph at {precision}")
         return self.read_member(graphs[graph])
 
+    @property
+    def detector(self) -> dict[str, Any] | None:
+        """The manifest's description of the bundled detector (``galr-export --detector``), or ``None``."""
+        entry = self.manifest.get("detector")
+        return dict(entry) if entry else None
+
+    def detector_bytes(self) -> bytes:
+        """The bundled detector's ONNX, checked like every member.
+
+        Raises:
+            BundleError: the bundle has no detector, or its member fails its checks.
+        """
+        entry = self.detector
+        if entry is None:
+            raise BundleError(f"{self.path} carries no detector; add one with `galr-export --detector det.onnx`")
+        return self.read_member(entry["member"])
+
     def verify(self) -> None:
         """Check every member now (reading is otherwise lazy)."""
         for name in self.manifest["members"]:

@@ -39,8 +39,11 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
 }
 _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "created": str, "embedding": dict, "graphs": dict, "onnx_sha256": dict, "opset": int, "engines": list,
-    "toolchain": dict, "provenance": dict, "reports": dict, MANIFEST_HASH_FIELD: str,
+    "toolchain": dict, "provenance": dict, "reports": dict, MANIFEST_HASH_FIELD: str, "detector": dict,
 }
+#: Where ``galr-export --detector`` stores an oriented-box detector ONNX (the manifest's ``detector``
+#: entry describes it: source name, task, class names, input size, DREA category of each class).
+DETECTOR_MEMBER = "detector/detector.onnx"
 
 
 class BundleError(InputError):
@@ -93,6 +96,9 @@ def _schema_problems(manifest: Mapping[str, Any]) -> list[str]:
 def _member_problems(manifest: Mapping[str, Any]) -> list[str]:
     members = manifest["members"]
     problems = [problem for name, entry in members.items() if (problem := check_member_entry(name, entry))]
+    detector = manifest.get("detector")
+    if detector is not None and detector.get("member") not in members:
+        problems.append(f"'detector' names {detector.get('member')!r}, which is not a listed member")
     onnx = manifest["onnx"]
     if "fp32" not in onnx:
         problems.append("'onnx' has no fp32 graphs")
@@ -145,6 +151,7 @@ __all__ = [
     "MANIFEST_HASH_FIELD",
     "MAX_MANIFEST_BYTES",
     "PRECISIONS",
+    "DETECTOR_MEMBER",
     "BundleError",
     "engine_member",
     "model_hash",

@@ -73,19 +73,20 @@ def _image_root(arguments: Sequence[Path], explicit: Path | None, index: Gallery
     return None
 
 
-def _local_input(detections: Path | None, local_file: Path | None, encoders: Any, detector: Path | None = None) -> Any:
-    """The DREA source handed to the encoder: a detections folder, a local-feature table, a detector or None."""
+def _local_input(detections: Path | None, local_file: Path | None, encoders: Any, detector: Path | None = None,
+                 use_bundled: bool = True) -> Any:
+    """The DREA source handed to the encoder: a detections folder, a local-feature table, a detector
+    (the one named, else the bundle's own) or None."""
     if detections is not None:
         return detections
-    if detector is not None:
-        from galr.runtime.detector import load_detector
-
-        loaded = load_detector(detector, drea_classes=encoders.spec.drea.classes)
-        click.echo(f"detector: {detector} ({len(loaded.info.names)} classes, input {loaded.info.imgsz[1]}x"
-                   f"{loaded.info.imgsz[0]}; {sum(label is not None for label in loaded.labels)} map to DREA)")
-        return loaded
     if local_file is None:
-        return None
+        from galr.runtime.detector import choose_detector
+
+        chosen, line = choose_detector(detector, getattr(encoders, "bundle", None),
+                                       drea_classes=encoders.spec.drea.classes, use_bundled=use_bundled)
+        if line:
+            click.echo(line)
+        return chosen
     from galr.preprocess.local_file import load_local_file
 
     drea = encoders.spec.drea
@@ -247,6 +248,9 @@ def _size_text(size: int) -> str:
 @click.option("--detector", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="An Ultralytics oriented-box detector ONNX (yolo export ... format=onnx) run on every image "
                    "for the DREA input.")
+@click.option("--no-detector", "no_detector", is_flag=True,
+              help="Do not run the detector stored in the bundle (galr-export --detector); images without "
+                   "detections use the all-zero fallback.")
 @click.option("--local", "local_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="The authors' precomputed local-feature file (.npy) or a galr .npz.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=paths.DEFAULT_INDEX,
@@ -307,7 +311,7 @@ def _size_text(size: int) -> str:
 @click.option("--lock-timeout", type=click.FloatRange(min=0), default=600, show_default=True,
               help="Seconds to wait while another galr-index writes the same index, then give up (exit 2).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, detector: Path | None,
+def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, detector: Path | None, no_detector: bool,
          local_file: Path | None, output: Path,
          storage: str | None, batch_size: int, backend: str, device: str, precision: str, text_bank: Path | None,
          update: bool, remove_ids: tuple[str, ...], root: Path | None, search_kind: str | None,
@@ -377,7 +381,8 @@ def main(images: tuple[Path, ...], bundle: Path, detections: Path | None, detect
         # From reading the index to replacing it, no other writer may save it: its edits would be lost.
         with exclusive_lock(output, timeout=lock_timeout, on_wait=lambda message: click.echo(message, err=True)):
             _run(encoders, files, unreadable, images, output, storage, batch_size, detections, local_file, captions,
-                 editing, removals, root, search, progress, detector, tiling, scene_extra, records_kind, ray_job)
+                 editing, removals, root, search, progress, detector, tiling, scene_extra, records_kind, ray_job,
+                 not no_detector)
     finally:
         if encoders is not None:
             encoders.close()
@@ -390,7 +395,7 @@ def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], image
          captions: list[str] | None, editing: bool, removals: list[str], root: Path | None, search: "SearchChoice",
          progress: bool, detector: Path | None = None, tiling: Any = None,
          scene_extra: dict[str, dict[str, Any]] | None = None, records_kind: str = "auto",
-         ray_job: "RayJob | None" = None) -> None:
+         ray_job: "RayJob | None" = None, use_bundled_detector: bool = True) -> None:
     """Load or build the index, apply the edits and save it (the body of :func:`main`)."""
     index = None
     if editing:
@@ -403,7 +408,8 @@ def _run(encoders: Any, files: list[Path], unreadable: list[SkippedImage], image
             click.echo(f"removed {_count(len(set(removals)), 'image')}")
 
     if files:
-        local = _local_input(detections, local_file, encoders, detector)
+        local = _local_input(detections, local_file, encoders, detector,
+                             use_bundled_detector and ray_job is None)  # Ray workers: detections files only
         image_root = _image_root(images, root, index)
         if ray_job is not None:
             from galr.runtime.index.distributed import build_index_on_ray

@@ -70,13 +70,15 @@ def _read_annotations(path: Path) -> list[dict[str, Any]]:
 @click.option("--bands", default=None, metavar="R,G,B", help="Scene bands shown as R,G,B, counted from 1.")
 @click.option("--detector", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="An Ultralytics oriented-box detector ONNX run on every window for the DREA input.")
+@click.option("--no-detector", "no_detector", is_flag=True,
+              help="Do not run the detector stored in the bundle (galr-export --detector).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--backend", type=click.Choice([AUTO, *backend_names()]), default=AUTO, show_default=True)
 @click.option("--device", type=click.Choice(list(REQUESTABLE_DEVICES)), default=AUTO, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def main(scenes, bundle, query_texts, query_file, annotations, output, scales, cell, bands, detector, batch_size,
-         backend, device, precision, progress) -> None:
+def main(scenes, bundle, query_texts, query_file, annotations, output, scales, cell, bands, detector, no_detector,
+         batch_size, backend, device, precision, progress) -> None:
     """Heat maps of where each query matches in each of SCENES (GeoTIFF, COG or plain images)."""
     from galr.geo import SceneReadSettings, parse_bands, require_rasterio
     from galr.geo.geojson import feature_collection
@@ -114,11 +116,12 @@ def main(scenes, bundle, query_texts, query_file, annotations, output, scales, c
     scored = []
     with load_engine(bundle, backend=backend, device=device, precision=precision) as encoders:
         click.echo(f"engine: {encoders.info.describe()}")
-        local = None
-        if detector is not None:
-            from galr.runtime.detector import load_detector
+        from galr.runtime.detector import choose_detector
 
-            local = load_detector(detector, drea_classes=encoders.spec.drea.classes)
+        local, line = choose_detector(detector, encoders.bundle, drea_classes=encoders.spec.drea.classes,
+                                      use_bundled=not no_detector)
+        if line:
+            click.echo(line)
         for scene_path in scenes:
             scene_samples = [s for s in samples if s["jpg_name"] == scene_path.name] if samples is not None else None
             scene_queries = [s["caption"].strip() for s in scene_samples] if scene_samples is not None else queries

@@ -65,6 +65,8 @@ def _report_warnings(caught: list, lines: list) -> None:
               help="image2text: folder of detection files for the query images.")
 @click.option("--detector", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="image2text: an Ultralytics oriented-box detector ONNX run on the query images for DREA.")
+@click.option("--no-detector", "no_detector", is_flag=True,
+              help="image2text: do not run the detector stored in the bundle (galr-export --detector).")
 @click.option("--backend", type=click.Choice([AUTO, *backend_names()]), default=AUTO, show_default=True)
 @click.option("--device", type=click.Choice(list(REQUESTABLE_DEVICES)), default=AUTO, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True)
@@ -85,7 +87,8 @@ def _report_warnings(caught: list, lines: list) -> None:
                    "georeferenced scene tiles, galr-index --tile).")
 @click.option("--html", "html_path", type=click.Path(path_type=Path), default=None,
               help="Also write a self-contained HTML contact sheet with thumbnails.")
-def main(query_file, bundle, index_path, top_k, rerank, mode, detections, detector, backend, device, precision, mr_k,
+def main(query_file, bundle, index_path, top_k, rerank, mode, detections, detector, no_detector, backend, device,
+         precision, mr_k,
          wp1, wp2, nprobe, ef, bbox, since, until, json_path, geojson_path, html_path) -> None:
     """Search the gallery for every query in QUERY_FILE (one per line) and show the best images."""
     from galr.retrieval.rerank import MIN_CANDIDATES
@@ -136,10 +139,14 @@ def main(query_file, bundle, index_path, top_k, rerank, mode, detections, detect
                                                 labels=[f"line {line.number}" for line in usable], where=where)
             else:
                 local: Any = str(detections) if detections else None
-                if detector is not None:
-                    from galr.runtime.detector import load_detector
+                if local is None:
+                    from galr.runtime.detector import choose_detector
 
-                    local = load_detector(detector, drea_classes=retriever.encoders.spec.drea.classes)
+                    local, line = choose_detector(detector, retriever.encoders.bundle,
+                                                  drea_classes=retriever.encoders.spec.drea.classes,
+                                                  use_bundled=not no_detector)
+                    if line:
+                        click.echo(line)
                 results = retriever.search_images([line.text for line in lines], local=local, top_k=top_k,
                                                   rerank=rerank)
         _report_warnings(caught, lines)

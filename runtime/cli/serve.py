@@ -66,6 +66,8 @@ def _api_key(path: Path | None) -> str | None:
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allow this browser origin (repeat); none by default.")
 @click.option("--detector", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="An Ultralytics oriented-box detector ONNX run on every uploaded image for the DREA input.")
+@click.option("--no-detector", "no_detector", is_flag=True,
+              help="Do not run the detector stored in the bundle on uploads (galr-export --detector).")
 @click.option("--ray", "on_ray", is_flag=True,
               help="Run as a Ray Serve deployment behind Ray's HTTP proxy (`pip install 'galr[ray]'`).")
 @click.option("--address", default=None, metavar="HOST:PORT",
@@ -75,8 +77,8 @@ def _api_key(path: Path | None) -> str | None:
               help="--ray: CPUs Ray reserves for each replica.")
 def main(bundle: Path, index_path: Path, host: str, port: int, api_key_file: Path | None, backend: str, device: str,
          precision: str, max_batch: int, max_wait_ms: float, max_queue: int, timeout_s: float,
-         cors_origins: tuple[str, ...], detector: Path | None, on_ray: bool, address: str | None, replicas: int,
-         replica_cpus: float) -> None:
+         cors_origins: tuple[str, ...], detector: Path | None, no_detector: bool, on_ray: bool, address: str | None,
+         replicas: int, replica_cpus: float) -> None:
     """Serve text and image search over HTTP (JSON API under /v1, search page at /, OpenAPI at /docs)."""
     try:
         import uvicorn
@@ -90,7 +92,7 @@ def main(bundle: Path, index_path: Path, host: str, port: int, api_key_file: Pat
     settings = ServeSettings(bundle=bundle, index=index_path, host=host, port=port, api_key=_api_key(api_key_file),
                              backend=backend, device=device, precision=precision, max_batch_queries=max_batch,
                              max_wait_ms=max_wait_ms, max_queued_queries=max_queue, request_timeout_s=timeout_s,
-                             cors_origins=cors_origins, detector=detector)
+                             cors_origins=cors_origins, detector=detector, use_bundled_detector=not no_detector)
     from galr.preprocess.drea import NoDetectionsWarning
 
     # Uploaded images come without detections: the fallback is documented, not worth a line per request.

@@ -108,10 +108,13 @@ class Service:
             if self.encoders is None:
                 self.encoders = load_engine(self.settings.bundle, backend=self.settings.backend,
                                             device=self.settings.device, precision=self.settings.precision)
-            if self.settings.detector is not None:
-                from galr.runtime.detector import load_detector
+            from galr.runtime.detector import choose_detector
 
-                self.detector = load_detector(self.settings.detector, drea_classes=self.encoders.spec.drea.classes)
+            self.detector, line = choose_detector(self.settings.detector, getattr(self.encoders, "bundle", None),
+                                                  drea_classes=self.encoders.spec.drea.classes,
+                                                  use_bundled=self.settings.use_bundled_detector)
+            if line:
+                log.info(line)
             self.retriever = self._retriever(self._read_index())
             if self.settings.warmup:
                 quietly(self.encoders.encode_text, ["warm up"])  # the words may not be in the vocabulary
@@ -374,7 +377,7 @@ def create_app(settings: ServeSettings, *, encoders: Any = None, reload_on_sighu
 
     def drea_note() -> str:
         if service.detector is not None:
-            return f"DREA input from the service's detector ({service.settings.detector.name})"
+            return f"DREA input from the service's detector ({service.detector.source})"
         return "no detections were given: the local branch used its all-zero fallback"
 
     @app.post("/v1/embed/image", dependencies=[Depends(authorised)])

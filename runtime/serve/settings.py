@@ -43,7 +43,8 @@ class ServeSettings:
         cors_origins: origins allowed by CORS (none: CORS headers are not sent).
         warmup: encode one query before reporting ready.
         detector: an Ultralytics oriented-box detector ONNX run on every uploaded image for the
-            DREA input (``None``: uploads use the all-zero no-detection fallback).
+            DREA input (``None``: the bundle's own detector when it has one, else the all-zero fallback).
+        use_bundled_detector: run the bundle's detector (``galr-export --detector``) when ``detector`` is ``None``.
     """
 
     bundle: Path = Path(paths.DEFAULT_BUNDLE)
@@ -65,6 +66,7 @@ class ServeSettings:
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
     warmup: bool = True
     detector: Path | None = None
+    use_bundled_detector: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bundle", Path(self.bundle))
