@@ -88,9 +88,43 @@ def build_bundle_engines(bundle_path: Path, precisions: list[str] | None = None,
     built = {entry.key_string for entry in entries}
     kept = [entry for entry in bundle.engine_entries if entry.key_string not in built]
     dropped = [m for entry in bundle.engine_entries if entry.key_string in built for m in entry.members.values()]
-    update_bundle(bundle, {"engines": [entry.to_dict() for entry in kept + entries]}, members, drop_members=dropped)
-    log(f"stored {len(entries)} engine set(s) in {bundle_path}")
+    changes: dict = {"engines": [entry.to_dict() for entry in kept + entries]}
+    if bundle.detector is not None:
+        changes["detector"], plan_member, plan, replaced = _detector_engine(bundle, gpu, trt, trt_version,
+                                                                            workspace_bytes, timing_cache, log)
+        members[plan_member] = plan
+        dropped += replaced
+    update_bundle(bundle, changes, members, drop_members=dropped)
+    log(f"stored {len(entries)} engine set(s){' and a detector engine' if bundle.detector else ''} in {bundle_path}")
     return entries
 
 
-__all__ = ["EngineBuildUnavailable", "build_bundle_engines", "check_engine_build_possible"]
+def detector_engine_key(compute_capability: str, tensorrt_version: str, detector_sha256: str) -> str:
+    """What a detector plan is tied to: the GPU architecture, the TensorRT version and the detector's bytes."""
+    return f"{compute_capability}-trt{tensorrt_version}-{detector_sha256[:12]}"
+
+
+def _detector_engine(bundle, gpu: GpuInfo, trt: ModuleType | None, trt_version: str, workspace_bytes: int,
+                     timing_cache: Path | None, log: Callable[[str], None]) -> tuple[dict, str, bytes, list[str]]:
+    """Build the bundled detector's plan (FP32, batch 1 at its input size): the manifest entry with the
+    plan listed, the plan's member and bytes, and the members of the plan it replaces."""
+    from galr.export.tensorrt import TensorRTBuildConfig, build_engine
+
+    entry = dict(bundle.detector)
+    height, width = entry["imgsz"]
+    shape = (1, 3, int(height), int(width))
+    build = TensorRTBuildConfig(precision="fp32", workspace_bytes=workspace_bytes, profiles={"images": [shape] * 3},
+                                timing_cache=str(timing_cache) if timing_cache else None)
+    key = detector_engine_key(gpu.compute_capability, trt_version, entry["sha256"])
+    log(f"building the TensorRT engine of the bundled detector {entry.get('source')} on {gpu.name} ({key})")
+    plan = build_engine(bundle.detector_bytes(), build, trt, source_precision="fp32", gpu_probe=lambda: gpu)
+    member = f"engines/detector/{key}.plan"
+    others = [e for e in entry.get("engines", []) if e.get("key") != key]
+    replaced = [e["member"] for e in entry.get("engines", []) if e.get("key") == key]
+    entry["engines"] = others + [{"key": key, "compute_capability": gpu.compute_capability,
+                                  "tensorrt_version": trt_version, "gpu": gpu.name, "built": utc_now(),
+                                  "member": member}]
+    return entry, member, plan, replaced
+
+
+__all__ = ["EngineBuildUnavailable", "build_bundle_engines", "check_engine_build_possible", "detector_engine_key"]

@@ -135,18 +135,68 @@ def load_detector(path: str | os.PathLike | bytes, *, drea_classes: Sequence[str
 
 
 def bundled_detector(bundle: Any, *, drea_classes: Sequence[str], device: str = "cpu",
-                     settings: DetectorSettings = DetectorSettings()) -> Detector | None:
-    """The detector stored in a bundle by ``galr-export --detector`` (hash-checked), or ``None`` without one."""
+                     settings: DetectorSettings = DetectorSettings(), backend: str = "auto",
+                     tensorrt: Any = None) -> Detector | None:
+    """The detector stored in a bundle by ``galr-export --detector`` (hash-checked), or ``None`` without one.
+
+    Args:
+        backend: ``"auto"`` runs the bundle's TensorRT plan of the detector when one was built for this
+            GPU and TensorRT version (``galr-build``), else ONNX Runtime; ``"tensorrt"`` insists (and
+            says how to build the plan); ``"onnxruntime"`` never uses TensorRT.
+        tensorrt: :class:`~galr.runtime.backends.tensorrt.TensorRTOptions` (tests inject fakes).
+
+    Raises:
+        EngineMismatchError: ``backend="tensorrt"`` and no plan fits this machine.
+    """
     entry = bundle.detector
     if entry is None:
         return None
-    return load_detector(bundle.detector_bytes(), drea_classes=drea_classes, device=device, settings=settings,
-                         name=f"{bundle.path.name}:{entry.get('source', 'detector')}")
+    name = f"{bundle.path.name}:{entry.get('source', 'detector')}"
+    plan = _detector_plan(bundle, entry, backend, tensorrt)
+    if plan is None:
+        return load_detector(bundle.detector_bytes(), drea_classes=drea_classes, device=device, settings=settings,
+                             name=name)
+    from galr.runtime.backends.tensorrt import TensorRTRunner
+
+    options = tensorrt
+    runner = TensorRTRunner(plan, trt=getattr(options, "trt", None), cupy=getattr(options, "cupy", None),
+                            **({"gpu_probe": options.gpu_probe} if getattr(options, "gpu_probe", None) else {}))
+    try:
+        runner.activate()
+        info = ObbModelInfo(tuple(entry["names"]), tuple(int(v) for v in entry["imgsz"]))
+        return Detector(runner, info, _labels(info.names, drea_classes, settings.class_map, name), settings,
+                        f"{name} (TensorRT)")
+    except BaseException:
+        runner.close()
+        raise
+
+
+def _detector_plan(bundle: Any, entry: Mapping[str, Any], backend: str, tensorrt: Any) -> bytes | None:
+    """The bundled detector's TensorRT plan for this GPU and TensorRT version, or ``None`` (ONNX Runtime)."""
+    from galr.bundle import EngineMismatchError
+    from galr.runtime.backends.device import probe_gpu, probe_tensorrt
+
+    if backend == "onnxruntime":
+        return None
+    gpu = (getattr(tensorrt, "gpu_probe", None) or probe_gpu)()
+    trt = getattr(tensorrt, "trt", None)
+    version = str(trt.__version__) if trt is not None else getattr(probe_tensorrt(), "version", None)
+    fitting = [e for e in entry.get("engines", []) if gpu is not None and version is not None
+               and e.get("compute_capability") == gpu.compute_capability and e.get("tensorrt_version") == version]
+    if fitting:
+        return bundle.read_member(fitting[-1]["member"])
+    if backend == "tensorrt":
+        where = f"{gpu.compute_capability} / TensorRT {version}" if gpu is not None and version else "this machine"
+        raise EngineMismatchError(f"{bundle.path} has no TensorRT plan of its detector for {where}; build one with "
+                                  f"`galr-build {bundle.path}` or run the detector on ONNX Runtime")
+    return None
 
 
 def choose_detector(explicit: str | os.PathLike | None, bundle: Any, *, drea_classes: Sequence[str],
-                    use_bundled: bool = True, device: str = "cpu") -> tuple[Detector | None, str | None]:
-    """The detector a command runs: the one named, else the bundle's own (unless ``use_bundled`` is off).
+                    use_bundled: bool = True, device: str = "cpu", backend: str = "auto"
+                    ) -> tuple[Detector | None, str | None]:
+    """The detector a command runs: the one named, else the bundle's own (unless ``use_bundled`` is off;
+    on the command's ``backend``: a bundled TensorRT plan when it fits and the backend allows it).
 
     Returns:
         ``(detector or None, a line saying which one, or None)``.
@@ -155,7 +205,8 @@ def choose_detector(explicit: str | os.PathLike | None, bundle: Any, *, drea_cla
         detector = load_detector(explicit, drea_classes=drea_classes, device=device)
         return detector, f"detector: {describe(detector)}"
     if use_bundled and bundle is not None and getattr(bundle, "detector", None):
-        detector = bundled_detector(bundle, drea_classes=drea_classes, device=device)
+        detector = bundled_detector(bundle, drea_classes=drea_classes, device=device,
+                                    backend=backend if backend in ("tensorrt", "onnxruntime") else "auto")
         return detector, (f"detector: {describe(detector)}, stored in the bundle by galr-export --detector "
                           "(--no-detector leaves it out)")
     return None, None

@@ -228,3 +228,53 @@ def test_a_bundled_detector_is_checked_stored_and_used_by_default(deployment, tm
             target.writestr(info, data[:-1] + bytes([data[-1] ^ 1]) if info.filename == DETECTOR_MEMBER else data)
     with pytest.raises(BundleError):
         read_bundle(damaged).detector_bytes()
+
+
+def test_the_bundled_detector_gets_a_tensorrt_plan_from_galr_build_and_runs_on_it(deployment, tmp_path):  # noqa: F811
+    """With a fake TensorRT: galr-build builds the detector's plan, keyed by GPU, TensorRT and detector;
+    the runtime runs it when it fits and falls back (auto) or refuses (tensorrt) when it does not."""
+    import types
+
+    from galr.bundle import EngineMismatchError, read_bundle
+    from galr.export import engines as engines_module
+    from galr.export.pipeline import ExportSettings, export_bundle
+    from galr.runtime.backends.device import GpuInfo
+    from galr.runtime.backends.tensorrt import TensorRTOptions
+    from galr.runtime.detector import bundled_detector
+    from tests.fake_tensorrt import V10, IOTensor, add_engine, make_fake_tensorrt
+    from tests.test_backend_tensorrt import make_fake_cupy
+
+    h200, l4 = GpuInfo("NVIDIA H200", "sm_90"), GpuInfo("NVIDIA L4", "sm_89")
+    bundle_path = tmp_path / "det.plan"
+    export_bundle(ExportSettings(checkpoint=deployment["root"] / "m.pt", output=bundle_path, tensorrt="no",
+                                 detector=write_detector(tmp_path / "det.onnx")), log=lambda _: None)
+    fake = make_fake_tensorrt(V10, build_result=lambda network: f"PLAN-{network.inputs[0].name}".encode())
+    engines_module.build_bundle_engines(bundle_path, ["fp32"], trt=fake, log=lambda _: None, gpu_probe=lambda: h200)
+    bundle = read_bundle(bundle_path, verify=True)
+    [plan_entry] = bundle.detector["engines"]
+    assert plan_entry["key"].startswith(f"sm_90-trt{V10}-") and plan_entry["member"].startswith("engines/detector/")
+    assert bundle.read_member(plan_entry["member"]) == b"PLAN-images"
+    profiles = [profile.shapes for builder in fake.builders if builder.config is not None
+                for profile in builder.config.profiles if "images" in profile.shapes]
+    assert profiles == [{"images": ((1, 3, 64, 64),) * 3}]  # batch 1 at the detector's own input size
+
+    cupy = make_fake_cupy()
+    cupy.cuda = types.SimpleNamespace(Stream=lambda non_blocking=False: types.SimpleNamespace(
+        ptr=5, synchronize=lambda: None))
+    planted = planted_output()
+    add_engine(fake, b"PLAN-images", [IOTensor("images", "float32", (1, 3, 64, 64), True),
+                                      IOTensor("output0", "float32", planted.shape, False)],
+               lambda feeds: {"output0": planted.copy()}, cupy.memory)
+    engine = deployment["engine"]
+    on_trt = bundled_detector(bundle, drea_classes=engine.spec.drea.classes, backend="tensorrt",
+                              tensorrt=TensorRTOptions(trt=fake, cupy=cupy, gpu_probe=lambda: h200))
+    picture = Image.new("RGB", (64, 64))
+    on_ort = bundled_detector(bundle, drea_classes=engine.spec.drea.classes, backend="onnxruntime")
+    assert "(TensorRT)" in on_trt.source and "(TensorRT)" not in on_ort.source
+    assert [d.box for d in on_trt.detect_one(picture).detections] == [d.box for d in on_ort.detect_one(picture).detections]
+    with pytest.raises(EngineMismatchError, match="galr-build"):
+        bundled_detector(bundle, drea_classes=engine.spec.drea.classes, backend="tensorrt",
+                         tensorrt=TensorRTOptions(trt=fake, cupy=cupy, gpu_probe=lambda: l4))
+    fallback = bundled_detector(bundle, drea_classes=engine.spec.drea.classes, backend="auto",
+                                tensorrt=TensorRTOptions(trt=fake, cupy=cupy, gpu_probe=lambda: l4))
+    assert "(TensorRT)" not in fallback.source

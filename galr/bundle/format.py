@@ -97,8 +97,11 @@ def _member_problems(manifest: Mapping[str, Any]) -> list[str]:
     members = manifest["members"]
     problems = [problem for name, entry in members.items() if (problem := check_member_entry(name, entry))]
     detector = manifest.get("detector")
-    if detector is not None and detector.get("member") not in members:
-        problems.append(f"'detector' names {detector.get('member')!r}, which is not a listed member")
+    if detector is not None:
+        named = [detector.get("member")] + [e.get("member") for e in detector.get("engines", [])
+                                            if isinstance(e, dict)]
+        problems += [f"'detector' names {member!r}, which is not a listed member" for member in named
+                     if member not in members]
     onnx = manifest["onnx"]
     if "fp32" not in onnx:
         problems.append("'onnx' has no fp32 graphs")

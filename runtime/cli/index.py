@@ -83,7 +83,8 @@ def _local_input(detections: Path | None, local_file: Path | None, encoders: Any
         from galr.runtime.detector import choose_detector
 
         chosen, line = choose_detector(detector, getattr(encoders, "bundle", None),
-                                       drea_classes=encoders.spec.drea.classes, use_bundled=use_bundled)
+                                       drea_classes=encoders.spec.drea.classes, use_bundled=use_bundled,
+                                       backend=getattr(getattr(encoders, "info", None), "backend", "auto"))
         if line:
             click.echo(line)
         return chosen

@@ -119,7 +119,7 @@ def main(scenes, bundle, query_texts, query_file, annotations, output, scales, c
         from galr.runtime.detector import choose_detector
 
         local, line = choose_detector(detector, encoders.bundle, drea_classes=encoders.spec.drea.classes,
-                                      use_bundled=not no_detector)
+                                      use_bundled=not no_detector, backend=encoders.info.backend)
         if line:
             click.echo(line)
         for scene_path in scenes:

@@ -144,7 +144,8 @@ def main(query_file, bundle, index_path, top_k, rerank, mode, detections, detect
 
                     local, line = choose_detector(detector, retriever.encoders.bundle,
                                                   drea_classes=retriever.encoders.spec.drea.classes,
-                                                  use_bundled=not no_detector)
+                                                  use_bundled=not no_detector,
+                                                  backend=retriever.encoders.info.backend)
                     if line:
                         click.echo(line)
                 results = retriever.search_images([line.text for line in lines], local=local, top_k=top_k,

@@ -112,7 +112,9 @@ class Service:
 
             self.detector, line = choose_detector(self.settings.detector, getattr(self.encoders, "bundle", None),
                                                   drea_classes=self.encoders.spec.drea.classes,
-                                                  use_bundled=self.settings.use_bundled_detector)
+                                                  use_bundled=self.settings.use_bundled_detector,
+                                                  backend=getattr(getattr(self.encoders, "info", None), "backend",
+                                                                  "auto"))
             if line:
                 log.info(line)
             self.retriever = self._retriever(self._read_index())
