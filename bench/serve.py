@@ -42,7 +42,7 @@ class ServeBenchSettings:
     text_bank: int = 1_000
     rerank: bool = False
     reference_batch: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 20.0
     timeout_s: float = 30.0
     ray_replicas: int = 2
     soak_minutes: float = 0.0

@@ -276,14 +276,19 @@ def test_batcher_drops_requests_whose_caller_gave_up_and_bounds_its_queue():
 
     def run(queries, top_k, rerank, search):
         calls.append(list(queries))
+        if queries == ["busy"]:
+            time.sleep(0.1)  # keeps the worker busy while the next request waits in the queue
         return [_Result(q) for q in queries]
 
     async def scenario():
         batcher = QueryBatcher(run, max_batch_queries=8, max_wait_ms=100, max_queued_queries=3)
         batcher.start()
+        busy = asyncio.ensure_future(batcher.search(["busy"], 5, True, {}))
+        await asyncio.sleep(0.02)
         gone = asyncio.ensure_future(batcher.search(["left"], 5, True, {}))
         await asyncio.sleep(0.01)
         gone.cancel()  # a client that disconnected while waiting
+        await busy
         kept = await batcher.search(["stay", "here"], 5, True, {})
         with pytest.raises(BusyError):
             await batcher.search(["a", "b", "c", "d"], 5, True, {})
@@ -292,7 +297,7 @@ def test_batcher_drops_requests_whose_caller_gave_up_and_bounds_its_queue():
 
     kept = asyncio.run(scenario())
     assert [r.query for r in kept] == ["stay", "here"]
-    assert calls == [["stay", "here"]]  # the abandoned query was never computed
+    assert calls == [["busy"], ["stay", "here"]]  # the abandoned query was never computed
 
 
 def test_clients_answered_by_one_batch_join_the_next_one_instead_of_halving_it():

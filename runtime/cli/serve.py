@@ -57,8 +57,8 @@ def _api_key(path: Path | None) -> str | None:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True)
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
               help="Queries gathered into one encoder call at most.")
-@click.option("--max-wait-ms", type=click.FloatRange(0, 1000), default=5.0, show_default=True,
-              help="How long a request may wait for others to join its batch.")
+@click.option("--max-wait-ms", type=click.FloatRange(0, 1000), default=20.0, show_default=True,
+              help="How long a batch may wait for the clients it expects (a lone client never waits).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Queries waiting at most; beyond, requests get 503 with Retry-After.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=30.0, show_default=True,

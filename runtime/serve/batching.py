@@ -1,7 +1,8 @@
 """Dynamic batching: concurrent text searches gathered into one encoder call, off the event loop.
 
 A request's queries wait in a queue; the worker takes the oldest request, waits at most
-``max_wait_ms`` for more to arrive (or until ``max_batch_queries`` queries are waiting), and
+``max_wait_ms`` for more to arrive (or until the queries it expects are there: those of the last
+batch, whose clients send again, and those already waiting, up to ``max_batch_queries``), and
 answers the gathered requests with one :meth:`Retriever.search_text` call per search setting
 (MR on/off, nprobe/ef), in a worker thread. Results are cut back to each request's ``top_k``: a
 shorter list is a prefix of a longer one, with MR too (MR reranks the same candidates; see
@@ -101,6 +102,9 @@ class QueryBatcher:
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="galr-search")
         self._last_answered = 0.0
+        # Queries expected in the next batch: those just answered (their clients send again) plus those
+        # already waiting; at most a full batch.
+        self._expected = 1
 
     @property
     def queued_queries(self) -> int:
@@ -171,9 +175,10 @@ class QueryBatcher:
                 # The wait counts from the later of the oldest arrival and the end of the last batch: the
                 # clients just answered get max_wait to send their next request and join this batch, so
                 # under steady load the batch holds every client (one full batch, not two half ones:
-                # the text encoder reads its weights once per batch, whatever its size).
+                # the text encoder reads its weights once per batch, whatever its size). It ends as soon
+                # as the clients expected back are there: a lone client never waits at all.
                 deadline = max(self._queue[0].arrived, self._last_answered) + self._max_wait
-                while self._waiting() < self._max_batch and (remaining := deadline - time.perf_counter()) > 0:
+                while self._waiting() < self._expected and (remaining := deadline - time.perf_counter()) > 0:
                     try:
                         await asyncio.wait_for(self._arrived.wait(), remaining)
                         self._arrived.clear()
@@ -196,7 +201,12 @@ class QueryBatcher:
                     request.future.set_result(answer)
         finally:
             self._queued -= sum(len(request.queries) for request in batch)
+            # Let the answered requests' handlers run (they build and send the responses on this loop)
+            # before the next batch's wait starts: the wait is the clients' time to send again.
+            await asyncio.sleep(0)
             self._last_answered = time.perf_counter()
+            answered = sum(len(request.queries) for request in batch)
+            self._expected = max(1, min(self._max_batch, answered + self._waiting()))
 
 
 __all__ = ["QueryBatcher", "RunBatch", "SearchCall", "answer_together"]

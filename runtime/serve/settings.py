@@ -60,7 +60,7 @@ class ServeSettings:
     max_query_chars: int = DEFAULT_MAX_CHARS
     max_top_k: int = 100
     max_batch_queries: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 20.0
     max_queued_queries: int = 1024
     request_timeout_s: float = 30.0
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
