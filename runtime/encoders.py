@@ -226,14 +226,36 @@ class Encoders:
         return self.encode_image_arrays(pixels, rep, adj)
 
 
-def _resolve_precision(requested: str, device: str, bundle: Bundle) -> str:
-    precision = requested
+CPU_INT8 = "int8-cpu"
+
+
+def _resolve_precision(requested: str, choice: BackendChoice, bundle: Bundle) -> tuple[str, str]:
+    """The precision to serve, and why when it is not simply the one asked for.
+
+    On ONNX Runtime's CPU provider a bundle's ``int8-cpu`` set (INT8 laid out for the CPU's integer
+    kernels; see ``calibration/int8/cpu.py``) replaces ``int8`` and is the ``auto`` choice: the
+    export made it only on request and gated it against FP32. Every other backend and device keeps
+    the previous rules (``auto``: fp16 on a GPU when the bundle has it, else fp32), and a bundle
+    without ``int8-cpu`` behaves as before.
+    """
+    on_cpu_ort = choice.backend == "onnxruntime" and choice.device == "cpu"
+    has_cpu_int8 = CPU_INT8 in bundle.precisions
+    precision, why = requested, ""
     if requested == AUTO:
-        precision = "fp16" if device == "cuda" and "fp16" in bundle.precisions else "fp32"
+        if on_cpu_ort and has_cpu_int8:
+            precision, why = CPU_INT8, "auto: the bundle's INT8 set for ONNX Runtime's CPU kernels"
+        else:
+            precision = "fp16" if choice.device == "cuda" and "fp16" in bundle.precisions else "fp32"
+    elif requested == "int8" and on_cpu_ort and has_cpu_int8:
+        precision, why = CPU_INT8, "int8 on the CPU: the bundle's int8-cpu set (the int8 Q/DQ set is TensorRT's)"
+    if precision == CPU_INT8 and not on_cpu_ort:
+        raise InputError(f"{bundle.path}: int8-cpu graphs run only on ONNX Runtime's CPU provider, not on "
+                         f"{choice.backend} on {choice.device}; ask for --precision int8 (the Q/DQ set) there")
     if precision not in bundle.precisions:
+        flag = "--int8-cpu" if precision == CPU_INT8 else f"--{precision}"
         raise BundleError(f"{bundle.path} has no {precision} graphs (it has {bundle.precisions}); "
-                          f"re-export with `galr-export --{precision}`")
-    return precision
+                          f"re-export with `galr-export {flag}`")
+    return precision, why
 
 
 def load_engine(bundle: str | os.PathLike | Bundle = "galr.plan", backend: str = AUTO, device: str = AUTO,
@@ -245,8 +267,11 @@ def load_engine(bundle: str | os.PathLike | Bundle = "galr.plan", backend: str =
         bundle: the ``galr.plan`` file, or an opened (or in-memory) :class:`~galr.bundle.Bundle`.
         backend: ``"auto"`` or a registered backend (``"tensorrt"``, ``"onnxruntime"``).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        precision: ``"auto"`` (fp16 on a GPU when the bundle has it, else fp32), ``"fp32"``,
-            ``"fp16"`` or ``"int8"``.
+        precision: ``"auto"`` (on ONNX Runtime's CPU provider the bundle's ``int8-cpu`` set when it
+            has one; fp16 on a GPU when the bundle has it; else fp32), ``"fp32"``, ``"fp16"``,
+            ``"int8"`` (on ONNX Runtime's CPU provider: ``int8-cpu`` when the bundle has it, else the
+            Q/DQ set) or ``"int8-cpu"`` (ONNX Runtime on the CPU only). ``info`` says what was chosen
+            and why.
         options: typed options per backend (e.g. ``OnnxRuntimeOptions(intra_op_threads=2)``); the
             chosen backend takes the ones for it.
         environment: what the machine offers (probed when ``None``; tests pass their own).
@@ -264,8 +289,9 @@ def load_engine(bundle: str | os.PathLike | Bundle = "galr.plan", backend: str =
     bundle.verify_model_hash()  # a graph swapped under the manifest would be served with foreign indexes
     environment = environment or Environment()
     choice = resolve_backend(backend, device, bundle=str(bundle.path), environment=environment)
-    choice = BackendChoice(choice.backend, choice.device, _resolve_precision(precision, choice.device, bundle),
-                           choice.reason, choice.bundle)
+    precision, why = _resolve_precision(precision, choice, bundle)
+    choice = BackendChoice(choice.backend, choice.device, precision,
+                           f"{choice.reason}; {why}" if why else choice.reason, choice.bundle)
     stack = ExitStack()  # owned by the encoders once they exist; closed here if anything fails first
     try:
         runners = make_runners(choice, bundle, stack, environment, options)
@@ -277,5 +303,5 @@ def load_engine(bundle: str | os.PathLike | Bundle = "galr.plan", backend: str =
     return encoders
 
 
-__all__ = ["DEFAULT_IMAGE_BATCH", "DEFAULT_TEXT_BATCH", "Encoders", "QueryError", "QueryWarning",
+__all__ = ["CPU_INT8", "DEFAULT_IMAGE_BATCH", "DEFAULT_TEXT_BATCH", "Encoders", "QueryError", "QueryWarning",
            "ShortenedQueryWarning", "UnknownWordsWarning", "load_engine"]

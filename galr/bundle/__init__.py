@@ -22,6 +22,8 @@ from galr.bundle.engines import (
     select_engine_entry,
 )
 from galr.bundle.format import (
+    CPU_ONLY_PRECISIONS,
+    ENGINE_PRECISIONS,
     FORMAT_VERSION,
     MANIFEST,
     PRECISIONS,
@@ -33,6 +35,8 @@ from galr.bundle.format import (
 )
 
 __all__ = [
+    "CPU_ONLY_PRECISIONS",
+    "ENGINE_PRECISIONS",
     "FORMAT_VERSION",
     "MANIFEST",
     "PRECISIONS",
