@@ -243,7 +243,7 @@ def _accuracy_gates(bundle: Bundle, inputs, precisions: list[str], settings: Exp
     results = {}
     for precision in precisions:
         log(f"scoring {precision} graphs on {len(inputs.image_names)} images / {len(inputs.captions)} captions")
-        with load_engine(bundle, backend="onnxruntime", device="cpu", precision=precision) as encoders:
+        with load_engine(bundle, backend="onnxruntime", device="cpu", precision=precision, cpu_int8=False) as encoders:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 results[precision] = evaluate_encoder(encoders, inputs, RerankConfig())

@@ -229,17 +229,18 @@ class Encoders:
 CPU_INT8 = "int8-cpu"
 
 
-def _resolve_precision(requested: str, choice: BackendChoice, bundle: Bundle) -> tuple[str, str]:
+def _resolve_precision(requested: str, choice: BackendChoice, bundle: Bundle, cpu_int8: bool = True) -> tuple[str, str]:
     """The precision to serve, and why when it is not simply the one asked for.
 
     On ONNX Runtime's CPU provider a bundle's ``int8-cpu`` set (INT8 laid out for the CPU's integer
     kernels; see ``calibration/int8/cpu.py``) replaces ``int8`` and is the ``auto`` choice: the
     export made it only on request and gated it against FP32. Every other backend and device keeps
     the previous rules (``auto``: fp16 on a GPU when the bundle has it, else fp32), and a bundle
-    without ``int8-cpu`` behaves as before.
+    without ``int8-cpu`` behaves as before. ``cpu_int8=False`` turns the substitution off (callers
+    that must score exactly the set they name: the export's gates, the benchmarks).
     """
     on_cpu_ort = choice.backend == "onnxruntime" and choice.device == "cpu"
-    has_cpu_int8 = CPU_INT8 in bundle.precisions
+    has_cpu_int8 = cpu_int8 and CPU_INT8 in bundle.precisions
     precision, why = requested, ""
     if requested == AUTO:
         if on_cpu_ort and has_cpu_int8:
@@ -260,7 +261,7 @@ def _resolve_precision(requested: str, choice: BackendChoice, bundle: Bundle) ->
 
 def load_engine(bundle: str | os.PathLike | Bundle = "galr.plan", backend: str = AUTO, device: str = AUTO,
                 precision: str = AUTO, options: Iterable[BackendOptions] = (),
-                environment: Environment | None = None) -> Encoders:
+                environment: Environment | None = None, cpu_int8: bool = True) -> Encoders:
     """Open a bundle and start its encoders on the best (or the requested) backend.
 
     Args:
@@ -275,6 +276,8 @@ def load_engine(bundle: str | os.PathLike | Bundle = "galr.plan", backend: str =
         options: typed options per backend (e.g. ``OnnxRuntimeOptions(intra_op_threads=2)``); the
             chosen backend takes the ones for it.
         environment: what the machine offers (probed when ``None``; tests pass their own).
+        cpu_int8: let ``auto`` and ``int8`` become ``int8-cpu`` on ONNX Runtime's CPU provider (see
+            ``precision``); ``False`` serves exactly the precision named.
 
     Returns:
         The running :class:`Encoders`; close them (or use ``with``) to free the runners.
@@ -289,7 +292,7 @@ def load_engine(bundle: str | os.PathLike | Bundle = "galr.plan", backend: str =
     bundle.verify_model_hash()  # a graph swapped under the manifest would be served with foreign indexes
     environment = environment or Environment()
     choice = resolve_backend(backend, device, bundle=str(bundle.path), environment=environment)
-    precision, why = _resolve_precision(precision, choice, bundle)
+    precision, why = _resolve_precision(precision, choice, bundle, cpu_int8)
     choice = BackendChoice(choice.backend, choice.device, precision,
                            f"{choice.reason}; {why}" if why else choice.reason, choice.bundle)
     stack = ExitStack()  # owned by the encoders once they exist; closed here if anything fails first

@@ -228,6 +228,9 @@ def test_export_adds_a_gated_int8_cpu_set(exported):
     reports = bundle.manifest["reports"]
     assert reports["calibration_int8_cpu"]["graphs"][graphs.TEXT]["integer_kernels"]["MatMulNBits"] >= 2
     assert reports["accuracy"][CPU_INT8]["mr_drop"] == pytest.approx(accuracy["mr_drop"])
+    # Each set was scored as itself: the int8 row is the Q/DQ set, not the CPU flavour standing in for it.
+    assert report.accuracy["int8"]["vs_fp32_image"] != accuracy["vs_fp32_image"]
+    assert report.accuracy["int8"]["vs_fp32_text"]["max_abs_error"] == 0.0  # the Q/DQ set keeps the FP32 text graph
     # The TensorRT set is untouched by the CPU flavour: still Q/DQ with zero points 0.
     int8_global = onnx.load_from_string(bundle.onnx_bytes(graphs.GLOBAL, "int8"))
     assert {p.key: p.value for p in int8_global.metadata_props}[graphs.META_PRECISION] == "int8"
@@ -243,6 +246,9 @@ def test_runtime_chooses_the_cpu_flavour_on_onnxruntime_cpu_and_says_so(exported
             assert embedded.shape == (1, enc.embed_dim)
     with load_engine(out, backend="onnxruntime", device="cpu", precision="fp32", environment=CPU_ONLY) as enc:
         assert enc.info.precision == "fp32"
+    with load_engine(out, backend="onnxruntime", device="cpu", precision="int8", environment=CPU_ONLY,
+                     cpu_int8=False) as enc:
+        assert enc.info.precision == "int8"  # exactly what was named, for gates and benchmarks
 
 
 def test_tensorrt_and_cuda_keep_their_sets(exported):
