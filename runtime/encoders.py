@@ -34,6 +34,8 @@ from galr.runtime.backends.registry import (
 )
 
 DEFAULT_IMAGE_BATCH = 32
+_EMPTY_QUERY = "is empty or whitespace only; give at least one word"
+_NO_WORDS = "has no words after removing punctuation"
 DEFAULT_TEXT_BATCH = 128
 
 
@@ -135,9 +137,9 @@ class Encoders:
     def query_problem(self, query: object) -> str | None:
         """Why ``query`` cannot be encoded (empty, or no words once punctuation is removed), or ``None``."""
         if not isinstance(query, str) or not query.strip():
-            return "is empty or whitespace only; give at least one word"
+            return _EMPTY_QUERY
         if not self.tokenizer.encode(query):
-            return "has no words after removing punctuation"
+            return _NO_WORDS
         return None
 
     def encode_text(self, captions: str | Sequence[str], labels: Sequence[str] | None = None) -> np.ndarray:
@@ -156,10 +158,14 @@ class Encoders:
         captions = [captions] if isinstance(captions, str) else list(captions)
         labels = list(labels) if labels is not None else [f"query #{i}" for i in range(len(captions))]
         for label, caption in zip(labels, captions):
-            problem = self.query_problem(caption)
-            if problem is not None:
-                raise QueryError(f"{label} {problem}")
+            if not isinstance(caption, str) or not caption.strip():
+                raise QueryError(f"{label} {_EMPTY_QUERY}")
+        # Tokenised once (NLTK is most of a query's CPU time outside the graphs): a row without ids is
+        # the query_problem() "no words" case.
         batch = self.tokenizer.encode_batch(captions, warn=False)
+        for label, length in zip(labels, batch.lengths.tolist()):
+            if length == 0:
+                raise QueryError(f"{label} {_NO_WORDS}")
         unk, tokenizer = self.vocab.unk_id, self.tokenizer
         for index, row in enumerate(batch.tokens):
             label, shown = labels[index], printable(captions[index][:60])
