@@ -157,52 +157,65 @@ class _Builder:
         return names[0] if outputs == 1 else names
 
 
-def _matmul(builder: _Builder, x: str, weight_kn: np.ndarray, kernel: str, block_size: int, hint: str) -> str:
-    """``x @ weight_kn`` with the weight stored as ``kernel`` says."""
+def _matmul(builder: _Builder, x: str, weight_kn: np.ndarray, kernel: str, block_size: int, hint: str,
+            bias: np.ndarray | None = None) -> str:
+    """``x @ weight_kn (+ bias)`` with the weight stored as ``kernel`` says."""
     k, n = weight_kn.shape
     if kernel == "fp32":
-        return builder.op("MatMul", [x, builder.const(f"{hint}_w", weight_kn.astype(np.float32))], hint)
-    if kernel == "dynamic":
+        out = builder.op("MatMul", [x, builder.const(f"{hint}_w", weight_kn.astype(np.float32))], hint)
+    elif kernel == "dynamic":
         q, scales = _per_column_int8(weight_kn)
-        return builder.op("DynamicQuantizeMatMul", [x, builder.const(f"{hint}_wq", q), builder.const(f"{hint}_ws", scales),
-                                                    builder.const(f"{hint}_wzp", np.zeros(n, np.int8))],
-                          hint, domain=MS_DOMAIN)
-    q, scales = _nbits_weights(weight_kn, block_size)
-    return builder.op("MatMulNBits", [x, builder.const(f"{hint}_wq", q), builder.const(f"{hint}_ws", scales)], hint,
-                      domain=MS_DOMAIN, K=k, N=n, bits=8, block_size=block_size, accuracy_level=4)
+        inputs = [x, builder.const(f"{hint}_wq", q), builder.const(f"{hint}_ws", scales),
+                  builder.const(f"{hint}_wzp", np.zeros(n, np.int8))]
+        if bias is not None:  # the op's own bias input: one node less per call
+            return builder.op("DynamicQuantizeMatMul", [*inputs, builder.const(f"{hint}_b", bias.astype(np.float32))],
+                              hint, domain=MS_DOMAIN)
+        return builder.op("DynamicQuantizeMatMul", inputs, hint, domain=MS_DOMAIN)
+    else:
+        q, scales = _nbits_weights(weight_kn, block_size)
+        inputs = [x, builder.const(f"{hint}_wq", q), builder.const(f"{hint}_ws", scales)]
+        if bias is not None:  # inputs 3 and 4 (zero points, g_idx) absent; 5 is the bias
+            inputs += ["", "", builder.const(f"{hint}_b", bias.astype(np.float32))]
+        return builder.op("MatMulNBits", inputs, hint, domain=MS_DOMAIN, K=k, N=n, bits=8, block_size=block_size,
+                          accuracy_level=4)
+    if bias is None:
+        return out
+    return builder.op("Add", [out, builder.const(f"{hint}_b", bias.astype(np.float32))], f"{hint}_bias")
 
 
-def _loop_body(weights: _TextWeights, settings: CpuTextSettings, projected: str, last: str) -> onnx.GraphProto:
-    """One GRU step: ``(i, cond, h, picked) -> (cond, h', picked')``; ``picked`` keeps each row's
-    hidden state at its last real token."""
+def _loop_body(weights: _TextWeights, settings: CpuTextSettings, projected: str) -> onnx.GraphProto:
+    """One GRU step: ``(i, cond, h) -> (cond, h', h')``, the last a scan output (every step's state).
+
+    Few nodes on purpose: at batch 1 each node costs a few microseconds of dispatch, 16 times a query.
+    """
     h = weights.hidden
     body = _Builder("step")
     x_t = body.op("Gather", [projected, "i"], "x_t", axis=0)  # [B, 3H], outer-scope value
-    recurrent = _matmul(body, "h", weights.r.T.copy(), settings.kernel, settings.block_size, "recurrent")
-    # linear_before_reset: the h gate's recurrent bias is added before the reset gate multiplies it.
-    x_z, x_r, x_h = body.op("Split", [x_t, body.const("split", np.array([h, h, h], np.int64))], "x_split",
-                            outputs=3, axis=1)
-    h_z, h_r, h_h = body.op("Split", [recurrent, body.const("split", np.array([h, h, h], np.int64))], "h_split",
-                            outputs=3, axis=1)
-    z = body.op("Sigmoid", [body.op("Add", [x_z, h_z])], "z")
-    r = body.op("Sigmoid", [body.op("Add", [x_r, h_r])], "r")
-    h_h = body.op("Add", [h_h, body.const("rb_h", weights.bias[5 * h:6 * h].astype(np.float32))])
+    # linear_before_reset: the h gate's recurrent bias is added before the reset gate multiplies it,
+    # so it rides in the recurrent product's bias ([0, 0, b_hn]; the z and r ones are in x_t).
+    recurrent_bias = np.zeros(3 * h, np.float32)
+    recurrent_bias[2 * h:] = weights.bias[5 * h:6 * h]
+    recurrent = _matmul(body, "h", weights.r.T.copy(), settings.kernel, settings.block_size, "recurrent",
+                        recurrent_bias)
+    split = body.const("split", np.array([h, h, h], np.int64))
+    # One sigmoid over all three gates (the h third is unused): fewer nodes than slicing first.
+    z, r, _ = body.op("Split", [body.op("Sigmoid", [body.op("Add", [x_t, recurrent])])], "gates", outputs=3, axis=1)
+    _, _, h_h = body.op("Split", [recurrent, split], "h_split", outputs=3, axis=1)
+    _, _, x_h = body.op("Split", [x_t, split], "x_split", outputs=3, axis=1)
     candidate = body.op("Tanh", [body.op("Add", [x_h, body.op("Mul", [r, h_h])])], "n")
     # h' = (1 - z) * n + z * h = n + z * (h - n)
     new_h = body.op("Add", [candidate, body.op("Mul", [z, body.op("Sub", ["h", candidate])])], "h_next")
-    here = body.op("Unsqueeze", [body.op("Equal", [last, "i"]), body.const("axis1", np.array([1], np.int64))])
-    picked = body.op("Where", [here, new_h, "picked"], "picked_next")
+    state_out = body.op("Identity", [new_h], "h_out")
     cond_out = body.op("Identity", ["cond"], "cond_out")
     float_bh = ["batch", h]
     return helper.make_graph(
         body.nodes, "gru_step",
         [helper.make_tensor_value_info("i", TensorProto.INT64, []),
          helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("h", TensorProto.FLOAT, float_bh),
-         helper.make_tensor_value_info("picked", TensorProto.FLOAT, float_bh)],
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, float_bh)],
         [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []),
-         helper.make_tensor_value_info(new_h, TensorProto.FLOAT, float_bh),
-         helper.make_tensor_value_info(picked, TensorProto.FLOAT, float_bh)],
+         helper.make_tensor_value_info(state_out, TensorProto.FLOAT, float_bh),
+         helper.make_tensor_value_info(new_h, TensorProto.FLOAT, float_bh)],
         initializer=body.initializers)
 
 
@@ -232,11 +245,10 @@ def build_cpu_text_graph(fp32_text: bytes, settings: CpuTextSettings = CpuTextSe
     tokens = graphs.TOKENS
     embedded = g.op("Gather", [g.const("embedding", weights.embedding.astype(np.float32)), tokens], "embedded")
     input_kernel = settings.kernel if settings.quantize_input else "fp32"
-    projected = _matmul(g, embedded, weights.w.T.copy(), input_kernel, settings.block_size, "input")
     # Input bias, plus the recurrent biases of the z and r gates (added outside the reset product).
     bias = weights.bias[:3 * h].copy()
     bias[:2 * h] += weights.bias[3 * h:5 * h]
-    projected = g.op("Add", [projected, g.const("input_bias", bias.astype(np.float32))], "projected")
+    projected = _matmul(g, embedded, weights.w.T.copy(), input_kernel, settings.block_size, "input", bias)
     steps_first = g.op("Transpose", [projected], "steps_first", perm=[1, 0, 2])  # [T, B, 3H]
 
     zero, one = g.const("zero", np.array(0, np.int64)), g.const("one", np.array(1, np.int64))
@@ -250,11 +262,17 @@ def build_cpu_text_graph(fp32_text: bytes, settings: CpuTextSettings = CpuTextSe
     # Steps after every row's last real token change nothing that is kept: stop there.
     trips = g.op("Add", [g.op("ReduceMax", [last], keepdims=0), one], "trips")
     batch = g.op("Gather", [shape, g.const("axis0", np.array([0], np.int64))], axis=0)
+    batch_scalar = g.op("Gather", [shape, zero], axis=0)
+    axis1 = g.const("axis1", np.array([1], np.int64))
     state_shape = g.op("Concat", [batch, g.const("hidden", np.array([h], np.int64))], axis=0)
     h0 = g.op("ConstantOfShape", [state_shape], "h0", value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
-    body = _loop_body(weights, settings, steps_first, last)
+    body = _loop_body(weights, settings, steps_first)
     cond = g.const("cond", np.array(True))
-    _, picked = g.op("Loop", [trips, cond, h0, h0], "gru", outputs=2, body=body)
+    _, states = g.op("Loop", [trips, cond, h0], "gru", outputs=2, body=body)  # states [steps, B, H]
+    # Each row's state at its last real token: states[last[b], b, :].
+    rows = g.op("Range", [zero, batch_scalar, one], "rows")
+    picked = g.op("GatherND", [states, g.op("Concat", [g.op("Unsqueeze", [last, axis1]),
+                                                       g.op("Unsqueeze", [rows, axis1])], axis=1)], "picked")
 
     head = _head(model, weights.gemm)
     gemm_input = weights.gemm.input[0]
