@@ -51,7 +51,7 @@ class CpuTextSettings:
     """
 
     kernel: str = "matmulnbits"
-    block_size: int = 32
+    block_size: int = 128
     quantize_input: bool = True
     quantize_output: bool = False
 
