@@ -310,3 +310,14 @@ def test_int8_cpu_needs_calibration_data(dataset_and_checkpoint, tmp_path):
     with pytest.raises(InputError, match="pass --dataset"):
         pipeline.export_bundle(pipeline.ExportSettings(checkpoint=checkpoint, output=tmp_path / "x.plan",
                                                        int8_cpu=True, tensorrt="no"), log=lambda _: None)
+
+
+@pytest.mark.parametrize("allow, expected", [(True, "1"), (False, "0")])
+def test_spinning_option_reaches_the_session(allow, expected):
+    from galr.runtime.backends.onnxruntime import OnnxRuntimeOptions, _session_options
+
+    options = _session_options(ort, OnnxRuntimeOptions(allow_spinning=allow))
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == expected
+    default = _session_options(ort, OnnxRuntimeOptions())
+    with pytest.raises(RuntimeError):  # not set: ONNX Runtime's own default applies
+        default.get_session_config_entry("session.intra_op.allow_spinning")
