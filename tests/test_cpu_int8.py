@@ -77,18 +77,24 @@ def test_loop_text_graph_without_quantisation_is_the_fp32_graph(tiny):
     model, fp32 = tiny
     tokens = _tokens(model.config)
     expected = _session(fp32[graphs.TEXT]).run(None, {graphs.TOKENS: tokens})[0]
-    loop = build_cpu_text_graph(fp32[graphs.TEXT], CpuTextSettings(kernel="fp32", quantize_input=False))
-    got = _session(loop).run(None, {graphs.TOKENS: tokens})[0]
-    np.testing.assert_allclose(got, expected, atol=2e-6)
-    np.testing.assert_allclose(got, model.encode_text(torch.from_numpy(tokens)).numpy(), atol=2e-6)
+    for large in (None, "fp32"):  # one loop; and the If on the batch size (5 rows: its large branch)
+        loop = build_cpu_text_graph(fp32[graphs.TEXT], CpuTextSettings(kernel="fp32", quantize_input=False,
+                                                                       large_batch_kernel=large))
+        got = _session(loop).run(None, {graphs.TOKENS: tokens})[0]
+        np.testing.assert_allclose(got, expected, atol=2e-6)
+        np.testing.assert_allclose(got, model.encode_text(torch.from_numpy(tokens)).numpy(), atol=2e-6)
+        for row in range(len(tokens)):  # batch 1, the If's small branch
+            one = _session(loop).run(None, {graphs.TOKENS: tokens[row:row + 1]})[0]
+            np.testing.assert_allclose(one, expected[row:row + 1], atol=2e-6)
 
 
-@pytest.mark.parametrize("kernel", ["matmulnbits", "dynamic"])
+@pytest.mark.parametrize("kernel, large", [("matmulnbits", None), ("dynamic", None), ("matmulnbits", "dynamic")])
 @pytest.mark.parametrize("quantize_output", [False, True])
-def test_int8_text_graph_stays_close_to_torch(tiny, kernel, quantize_output):
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_int8_text_graph_stays_close_to_torch(tiny, kernel, large, quantize_output, rows):
     model, fp32 = tiny
-    tokens = _tokens(model.config)
-    graph = build_cpu_text_graph(fp32[graphs.TEXT], CpuTextSettings(kernel=kernel, block_size=16,
+    tokens = _tokens(model.config)[:rows]
+    graph = build_cpu_text_graph(fp32[graphs.TEXT], CpuTextSettings(kernel=kernel, block_size=16, large_batch_kernel=large,
                                                                     quantize_output=quantize_output))
     got = _session(graph).run(None, {graphs.TOKENS: tokens})[0]
     reference = model.encode_text(torch.from_numpy(tokens)).numpy()
@@ -129,6 +135,8 @@ def test_text_graph_from_a_foreign_graph_is_refused(tiny):
         build_cpu_text_graph(fp32[graphs.FUSION])
     with pytest.raises(CalibrationError, match="kernel must be one of"):
         CpuTextSettings(kernel="int4")
+    with pytest.raises(CalibrationError, match="large_batch_from must be at least 2"):
+        CpuTextSettings(large_batch_from=1)
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -159,7 +167,10 @@ def test_ort_runs_integer_kernels_on_the_cpu_set(cpu_set, tiny):
     assert global_ops.get("QLinearConv", 0) >= 10 and "Conv" not in global_ops  # every convolution is integer
     assert "QLinearAdd" in global_ops  # residual additions stay INT8 between convolutions
     text_ops = optimised_op_counts(graphs_[graphs.TEXT])
-    assert text_ops.get("MatMulNBits", 0) >= 2 and "GRU" not in text_ops and "Loop" in text_ops
+    assert text_ops.get("MatMulNBits", 0) >= 2 and "GRU" not in text_ops and text_ops.get("Loop") == 1
+    assert "If" not in text_ops and "DynamicQuantizeMatMul" not in text_ops  # one loop by default
+    both = optimised_op_counts(build_cpu_text_graph(fp32[graphs.TEXT], CpuTextSettings(large_batch_kernel="dynamic")))
+    assert both.get("Loop") == 2 and "If" in both and both.get("DynamicQuantizeMatMul", 0) >= 2
     assert "GRU" in optimised_op_counts(fp32[graphs.TEXT])  # the FP32 graph: no integer kernel
     assert report["graphs"][graphs.GLOBAL]["integer_kernels"]["QLinearConv"] == global_ops["QLinearConv"]
     assert graphs_[graphs.LOCAL] == fp32[graphs.LOCAL] and report["fp32_graphs"] == [graphs.LOCAL, graphs.FUSION]

@@ -48,22 +48,37 @@ class CpuTextSettings:
         block_size: ``MatMulNBits`` block along K (a power of two, >= 16).
         quantize_input: also store the input projection ``W_ih`` in INT8 (read once per call).
         quantize_output: also store the output ``Gemm`` weight in INT8 (read once per call).
+        large_batch_kernel: the kernel for batches of ``large_batch_from`` rows or more (an ``If`` on
+            the batch size picks one of two loops; the weights are stored once per kernel), or
+            ``None`` (the default) for one loop with ``kernel`` at every batch. ``MatMulNBits`` is the
+            fastest at batch 1-2 (the query path) but not at larger batches, where
+            ``DynamicQuantizeMatMul``'s u8 x s8 GEMM is (batch 32, 16 tokens: 88 ms with the ``If``
+            vs 108 ms with one ``MatMulNBits`` loop, FP32 161 ms); but the ``If`` cost the batch-1
+            query 1-6 ms (8.5-12.9 vs 6.2-7.8 ms, three interleaved runs), so it is not the default.
+        large_batch_from: the smallest batch that runs ``large_batch_kernel``.
     """
 
     kernel: str = "matmulnbits"
     block_size: int = 128
     quantize_input: bool = True
     quantize_output: bool = False
+    large_batch_kernel: str | None = None
+    large_batch_from: int = 4
 
     def __post_init__(self) -> None:
-        if self.kernel not in RECURRENT_KERNELS:
-            raise CalibrationError(f"CpuTextSettings.kernel must be one of {list(RECURRENT_KERNELS)}, got {self.kernel!r}")
+        for name in ("kernel", "large_batch_kernel"):
+            value = getattr(self, name)
+            if value not in RECURRENT_KERNELS and not (name == "large_batch_kernel" and value is None):
+                raise CalibrationError(f"CpuTextSettings.{name} must be one of {list(RECURRENT_KERNELS)}, got {value!r}")
+        if self.large_batch_from < 2:
+            raise CalibrationError(f"CpuTextSettings.large_batch_from must be at least 2, got {self.large_batch_from}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise CalibrationError(f"CpuTextSettings.block_size must be a power of two >= 16, got {self.block_size}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"kernel": self.kernel, "block_size": self.block_size, "quantize_input": self.quantize_input,
-                "quantize_output": self.quantize_output}
+                "quantize_output": self.quantize_output, "large_batch_kernel": self.large_batch_kernel,
+                "large_batch_from": self.large_batch_from}
 
 
 @dataclass(frozen=True)
@@ -183,7 +198,7 @@ def _matmul(builder: _Builder, x: str, weight_kn: np.ndarray, kernel: str, block
     return builder.op("Add", [out, builder.const(f"{hint}_b", bias.astype(np.float32))], f"{hint}_bias")
 
 
-def _loop_body(weights: _TextWeights, settings: CpuTextSettings, projected: str) -> onnx.GraphProto:
+def _loop_body(weights: _TextWeights, kernel: str, block_size: int, projected: str) -> onnx.GraphProto:
     """One GRU step: ``(i, cond, h) -> (cond, h', h')``, the last a scan output (every step's state).
 
     Few nodes on purpose: at batch 1 each node costs a few microseconds of dispatch, 16 times a query.
@@ -195,8 +210,7 @@ def _loop_body(weights: _TextWeights, settings: CpuTextSettings, projected: str)
     # so it rides in the recurrent product's bias ([0, 0, b_hn]; the z and r ones are in x_t).
     recurrent_bias = np.zeros(3 * h, np.float32)
     recurrent_bias[2 * h:] = weights.bias[5 * h:6 * h]
-    recurrent = _matmul(body, "h", weights.r.T.copy(), settings.kernel, settings.block_size, "recurrent",
-                        recurrent_bias)
+    recurrent = _matmul(body, "h", weights.r.T.copy(), kernel, block_size, "recurrent", recurrent_bias)
     split = body.const("split", np.array([h, h, h], np.int64))
     # One sigmoid over all three gates (the h third is unused): fewer nodes than slicing first.
     z, r, _ = body.op("Split", [body.op("Sigmoid", [body.op("Add", [x_t, recurrent])])], "gates", outputs=3, axis=1)
@@ -230,6 +244,32 @@ def _head(model: onnx.ModelProto, gemm: onnx.NodeProto) -> list[onnx.NodeProto]:
     return head
 
 
+def _recurrence(g: _Builder, weights: _TextWeights, kernel: str, settings: CpuTextSettings, embedded: str,
+                trips: str, h0: str) -> str:
+    """Input projection and the step loop with ``kernel``: every step's state ``[steps, B, H]``."""
+    h = weights.hidden
+    input_kernel = kernel if settings.quantize_input else "fp32"
+    # Input bias, plus the recurrent biases of the z and r gates (added outside the reset product).
+    bias = weights.bias[:3 * h].copy()
+    bias[:2 * h] += weights.bias[3 * h:5 * h]
+    projected = _matmul(g, embedded, weights.w.T.copy(), input_kernel, settings.block_size, "input", bias)
+    steps_first = g.op("Transpose", [projected], "steps_first", perm=[1, 0, 2])  # [T, B, 3H]
+    body = _loop_body(weights, kernel, settings.block_size, steps_first)
+    _, states = g.op("Loop", [trips, g.const("cond", np.array(True)), h0], "gru", outputs=2, body=body)
+    return states
+
+
+def _branch(weights: _TextWeights, kernel: str, settings: CpuTextSettings, embedded: str, trips: str, h0: str,
+            name: str) -> onnx.GraphProto:
+    """An ``If`` branch holding one :func:`_recurrence` (its weights are the branch's initializers)."""
+    branch = _Builder(name)
+    states = _recurrence(branch, weights, kernel, settings, embedded, trips, h0)
+    out = branch.op("Identity", [states], "states")
+    return helper.make_graph(branch.nodes, name, [],
+                             [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["steps", "batch", weights.hidden])],
+                             initializer=branch.initializers)
+
+
 def build_cpu_text_graph(fp32_text: bytes, settings: CpuTextSettings = CpuTextSettings()) -> bytes:
     """The CPU text graph (module docstring) from the FP32 ONNX text graph's weights.
 
@@ -244,12 +284,6 @@ def build_cpu_text_graph(fp32_text: bytes, settings: CpuTextSettings = CpuTextSe
     g = _Builder("cpu_text")
     tokens = graphs.TOKENS
     embedded = g.op("Gather", [g.const("embedding", weights.embedding.astype(np.float32)), tokens], "embedded")
-    input_kernel = settings.kernel if settings.quantize_input else "fp32"
-    # Input bias, plus the recurrent biases of the z and r gates (added outside the reset product).
-    bias = weights.bias[:3 * h].copy()
-    bias[:2 * h] += weights.bias[3 * h:5 * h]
-    projected = _matmul(g, embedded, weights.w.T.copy(), input_kernel, settings.block_size, "input", bias)
-    steps_first = g.op("Transpose", [projected], "steps_first", perm=[1, 0, 2])  # [T, B, 3H]
 
     zero, one = g.const("zero", np.array(0, np.int64)), g.const("one", np.array(1, np.int64))
     lengths = g.op("ReduceSum", [g.op("Cast", [g.op("Not", [g.op("Equal", [tokens, zero])])], to=TensorProto.INT64),
@@ -266,9 +300,14 @@ def build_cpu_text_graph(fp32_text: bytes, settings: CpuTextSettings = CpuTextSe
     axis1 = g.const("axis1", np.array([1], np.int64))
     state_shape = g.op("Concat", [batch, g.const("hidden", np.array([h], np.int64))], axis=0)
     h0 = g.op("ConstantOfShape", [state_shape], "h0", value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
-    body = _loop_body(weights, settings, steps_first)
-    cond = g.const("cond", np.array(True))
-    _, states = g.op("Loop", [trips, cond, h0], "gru", outputs=2, body=body)  # states [steps, B, H]
+    if settings.large_batch_kernel is None:
+        states = _recurrence(g, weights, settings.kernel, settings, embedded, trips, h0)  # [steps, B, H]
+    else:
+        small = g.op("Less", [batch_scalar, g.const("large_batch_from", np.array(settings.large_batch_from, np.int64))])
+        states = g.op("If", [small], "gru_by_batch",
+                      then_branch=_branch(weights, settings.kernel, settings, embedded, trips, h0, "small_batch"),
+                      else_branch=_branch(weights, settings.large_batch_kernel, settings, embedded, trips, h0,
+                                          "large_batch"))
     # Each row's state at its last real token: states[last[b], b, :].
     rows = g.op("Range", [zero, batch_scalar, one], "rows")
     picked = g.op("GatherND", [states, g.op("Concat", [g.op("Unsqueeze", [last, axis1]),
