@@ -8,7 +8,8 @@ encoder     one call
 global      ResNet-18 + MVSA on preprocessed images ``[B, 3, S, S]``
 local       the DREA GCN on ``local_rep [B, N, F]`` and ``local_adj [B, N, N]``
 fusion      MIDF on unit global and local features ``[B, D]``
-text        the skip-thought GRU on token ids ``[B, T]`` (``T = text_length``; one row half padding)
+text        the skip-thought GRU on token ids ``[B, T]`` (``T = text_length``; at batch 1 every token
+            is real, a ``T``-word query; at larger batches one row is half padding)
 end-to-end  ``B`` query strings -> tokeniser -> text encoder -> exact top-``k`` search of a gallery of
             ``e2e_gallery`` unit embeddings (fp32, :class:`~galr.runtime.index.GalleryIndex`, no MR)
 ==========  ==========================================================================================
@@ -272,7 +273,13 @@ def _numpy_feeds(config: GaLRConfig, batch: int, text_length: int, seed: int) ->
     from galr.export.onnx_export import example_inputs
 
     feeds = example_inputs(config, batch=batch, text_length=text_length, seed=seed)
-    return {name: {k: v.numpy() for k, v in by_input.items()} for name, by_input in feeds.items()}
+    out = {name: {k: v.numpy() for k, v in by_input.items()} for name, by_input in feeds.items()}
+    if batch == 1:
+        # example_inputs pads half of row 0 (for tracing); a batch-1 query of T words has no padding,
+        # and the int8-cpu text graph would otherwise run only the T/2 real steps.
+        rng = np.random.default_rng(seed)
+        out[graphs.TEXT][graphs.TOKENS] = rng.integers(1, config.vocab_size + 1, (1, text_length), dtype=np.int64)
+    return out
 
 
 def _eager_graphs(model: Any) -> dict[str, InferFn]:
