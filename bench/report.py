@@ -381,11 +381,14 @@ def _limits(section: Mapping[str, Any]) -> str:
     first, last = 1, max(batches)
     reads = peaks.get("weight_read_gbs", {})
     cost_rows = []
-    for name, cost in section["encoders"].items():
+    int8_costs = {f"{name} (int8-cpu)": (cost, f"int8-cpu:{name}")
+                  for name, cost in (section.get("encoders_int8_cpu") or {}).items()}
+    all_costs = {**{name: (cost, name) for name, cost in section["encoders"].items()}, **int8_costs}
+    for name, (cost, read_key) in all_costs.items():
         cost_rows.append((name, _number(cost["flops_per_item"] / 1e9), _mib(cost["weight_bytes"]),
                           _mib(cost["streamed_bytes"]), _mib(cost["bytes_per_item"][str(first)]),
                           _mib(cost["bytes_per_item"][str(last)]), _number(cost["flops_per_byte"][str(first)]),
-                          _number(cost["flops_per_byte"][str(last)]), _spread(reads.get(name))))
+                          _number(cost["flops_per_byte"][str(last)]), _spread(reads.get(read_key))))
     parts = [
         f"Machine peaks (STREAM arrays of {_mib(peaks['stream_array_bytes'])} MiB each; median [min-max] over runs; "
         f"torch threads {peaks['torch_threads']}):",

@@ -126,6 +126,9 @@ def test_gallery_and_limits_sections(quick_run):
     limits = sections["limits"]
     assert limits["peaks"]["matmul_gflops"]["torch"]["median"] > 0
     assert {f["backend"] for f in limits["fractions"]} == {REFERENCE, "onnxruntime-fp32", "onnxruntime-int8-cpu"}
+    # INT8 rows are held to the read rate of their own (smaller) working sets, measured too.
+    assert {"int8-cpu:global", "int8-cpu:text", "int8-cpu:end-to-end"} <= set(limits["peaks"]["weight_read_gbs"])
+    assert limits["encoders_int8_cpu"]["text"]["weight_bytes"] < limits["encoders"]["text"]["weight_bytes"]
     assert all(f["fraction_of_limit"] > 0 for f in limits["fractions"])
 
 
