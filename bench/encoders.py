@@ -8,13 +8,19 @@ encoder     one call
 global      ResNet-18 + MVSA on preprocessed images ``[B, 3, S, S]``
 local       the DREA GCN on ``local_rep [B, N, F]`` and ``local_adj [B, N, N]``
 fusion      MIDF on unit global and local features ``[B, D]``
-text        the skip-thought GRU on token ids ``[B, T]`` (``T = text_length``; one row half padding)
+text        the skip-thought GRU on token ids ``[B, T]`` (``T = text_length``; at batch 1 every token
+            is real, a ``T``-word query; at larger batches one row is half padding)
 end-to-end  ``B`` query strings -> tokeniser -> text encoder -> exact top-``k`` search of a gallery of
             ``e2e_gallery`` unit embeddings (fp32, :class:`~galr.runtime.index.GalleryIndex`, no MR)
 ==========  ==========================================================================================
 
 Batch 1 is reported as latency (p50/p95/p99 per call); batches in ``batch_sizes`` as throughput
-(items/s). Every backend of one (encoder, batch) is measured interleaved with PyTorch eager, and the
+(items/s). Each row also has ``speedup_vs_onnxruntime_fp32``, the same ratio against the ONNX Runtime
+FP32 row of the same run (how the ``int8-cpu`` set's goals are stated).
+
+Besides the rows: ``query_profile``, one end-to-end query split into its stages (tokenise, text
+encoder, search, the rest) per ONNX Runtime backend, and ``startup``, the wall time of a whole
+``galr-run`` process answering one query from the benchmark bundle (:func:`measure_startup`). Every backend of one (encoder, batch) is measured interleaved with PyTorch eager, and the
 ``speedup_vs_eager`` of a row is computed against the eager row of *the same run*: eager median
 p50 / backend median p50 for latency, backend median items/s / eager median items/s for throughput
 (above 1 = faster than the reference).
@@ -54,11 +60,14 @@ from galr.config import GaLRConfig
 from galr.errors import InputError
 
 REFERENCE = "pytorch-eager"
-BACKENDS: tuple[str, ...] = (REFERENCE, "onnxruntime-fp32", "onnxruntime-int8", "tensorrt-fp16", "tensorrt-int8")
+ORT_FP32 = "onnxruntime-fp32"
+ORT_CPU_INT8 = "onnxruntime-int8-cpu"
+BACKENDS: tuple[str, ...] = (REFERENCE, ORT_FP32, "onnxruntime-int8", ORT_CPU_INT8, "tensorrt-fp16", "tensorrt-int8")
 BACKEND_LABELS: dict[str, str] = {
     REFERENCE: "PyTorch eager (FP32)",
-    "onnxruntime-fp32": "ONNX Runtime FP32",
-    "onnxruntime-int8": "ONNX Runtime INT8",
+    ORT_FP32: "ONNX Runtime FP32",
+    "onnxruntime-int8": "ONNX Runtime INT8 (Q/DQ, TensorRT's set)",
+    ORT_CPU_INT8: "ONNX Runtime INT8-CPU (u8/s8 kernels, INT8 GRU)",
     "tensorrt-fp16": "TensorRT FP16",
     "tensorrt-int8": "TensorRT INT8",
 }
@@ -81,6 +90,7 @@ class EncoderBenchSettings:
         throughput: timing of throughput cases (calls of large batches take seconds: fewer per run).
         calibration_images: random images INT8 ranges are collected on.
         seed: seed of the random weights and inputs.
+        startup_runs: ``galr-run`` processes timed per precision (:func:`measure_startup`).
     """
 
     config: GaLRConfig = field(default_factory=GaLRConfig)
@@ -93,6 +103,7 @@ class EncoderBenchSettings:
     throughput: TimingSettings = TimingSettings(warmup=1, repeats=3, min_iterations=1, max_iterations=50)
     calibration_images: int = 8
     seed: int = 0
+    startup_runs: int = 3
 
     def __post_init__(self) -> None:
         if any(b < 2 for b in self.batch_sizes):
@@ -119,6 +130,7 @@ class BenchModel:
         precisions: precisions in the bundle.
         int8_error: why the INT8 graphs could not be made (``None`` when they were).
         setup_seconds: export, calibration and bundle time.
+        int8_cpu_error: why the ``int8-cpu`` graphs could not be made (``None`` when they were).
     """
 
     model: Any
@@ -127,6 +139,7 @@ class BenchModel:
     precisions: tuple[str, ...]
     int8_error: str | None
     setup_seconds: float
+    int8_cpu_error: str | None = None
 
 
 def synthetic_vocabulary(size: int) -> Any:
@@ -207,13 +220,26 @@ def prepare_model(config: GaLRConfig, work_dir: Path, *, fp16: bool, calibration
     except CalibrationError as exc:
         int8_error = f"INT8 calibration failed: {exc}"
         log(int8_error)
+    int8_cpu_error = None
+    log("building the int8-cpu set (ONNX Runtime CPU kernels) on the same random inputs")
+    try:
+        from galr.calibration.int8.cpu import build_cpu_int8_graphs
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph_bytes["int8-cpu"], _ = build_cpu_int8_graphs(
+                graph_bytes["fp32"], vocab, loaded.spec, settings, log=lambda _: None,
+                inputs=random_inputs(config, calibration_images, seed, vocab))
+    except CalibrationError as exc:
+        int8_cpu_error = f"int8-cpu graphs failed: {exc}"
+        log(int8_cpu_error)
     bundle = work_dir / "random.plan"
     report = ExportReport(bundle, inputs="random weights; INT8 ranges from random inputs (benchmark only)")
     export_settings = ExportSettings(checkpoint=checkpoint, output=bundle)
     manifest = build_manifest(loaded, loaded.spec, checkpoint, graph_bytes, export_settings, report)
     members = {onnx_member(p, n): data for p, by_name in graph_bytes.items() for n, data in by_name.items()}
     write_bundle(bundle, manifest, members)
-    return BenchModel(model, vocab, bundle, tuple(graph_bytes), int8_error, elapsed())
+    return BenchModel(model, vocab, bundle, tuple(graph_bytes), int8_error, elapsed(), int8_cpu_error)
 
 
 def tensorrt_unavailable_reason() -> str | None:
@@ -247,7 +273,13 @@ def _numpy_feeds(config: GaLRConfig, batch: int, text_length: int, seed: int) ->
     from galr.export.onnx_export import example_inputs
 
     feeds = example_inputs(config, batch=batch, text_length=text_length, seed=seed)
-    return {name: {k: v.numpy() for k, v in by_input.items()} for name, by_input in feeds.items()}
+    out = {name: {k: v.numpy() for k, v in by_input.items()} for name, by_input in feeds.items()}
+    if batch == 1:
+        # example_inputs pads half of row 0 (for tracing); a batch-1 query of T words has no padding,
+        # and the int8-cpu text graph would otherwise run only the T/2 real steps.
+        rng = np.random.default_rng(seed)
+        out[graphs.TEXT][graphs.TOKENS] = rng.integers(1, config.vocab_size + 1, (1, text_length), dtype=np.int64)
+    return out
 
 
 def _eager_graphs(model: Any) -> dict[str, InferFn]:
@@ -277,9 +309,10 @@ def open_backend(bench: BenchModel, backend: str, threads: int) -> Any:
     the encoder rows time ``encoders.runners`` directly). Close them when done."""
     from galr.runtime.encoders import load_engine
 
-    kind, precision = backend.split("-")
+    kind, precision = backend.split("-", 1)
+    # cpu_int8=False: each row runs exactly the set it names (the int8 row is the Q/DQ set).
     return load_engine(bench.bundle, backend=kind, device="cpu" if kind == "onnxruntime" else "cuda",
-                       precision=precision, options=[_onnxruntime_options(threads)])
+                       precision=precision, options=[_onnxruntime_options(threads)], cpu_int8=False)
 
 
 def _random_unit_rows(rows: int, dim: int, rng: np.random.Generator) -> np.ndarray:
@@ -314,6 +347,7 @@ class _Backend:
     graphs: dict[str, InferFn]
     search_text: Callable[[list[str]], Any]
     close: Callable[[], None]
+    encoders: Any = None
 
 
 def _reference_backend(bench: BenchModel, index: Any, top_k: int) -> _Backend:
@@ -336,13 +370,15 @@ def _runtime_backend(bench: BenchModel, name: str, threads: int, index: Any, top
     encoders = open_backend(bench, name, threads)
     graphs_by_name = {graph: runner.infer for graph, runner in encoders.runners.items()}
     return _Backend(name, graphs_by_name, lambda queries: index.search(encoders.encode_text(queries), k=top_k,
-                                                                       device="cpu"), encoders.close)
+                                                                       device="cpu"), encoders.close, encoders)
 
 
 def _unavailable_backends(bench: BenchModel, tensorrt_reason: str | None) -> dict[str, str]:
     reasons: dict[str, str] = {}
     if "int8" not in bench.precisions:
         reasons["onnxruntime-int8"] = bench.int8_error or "no INT8 graphs in the bundle"
+    if "int8-cpu" not in bench.precisions:
+        reasons[ORT_CPU_INT8] = bench.int8_cpu_error or "no int8-cpu graphs in the bundle"
     for name in ("tensorrt-fp16", "tensorrt-int8"):
         if tensorrt_reason is not None:
             reasons[name] = tensorrt_reason
@@ -368,15 +404,22 @@ def _rows_for(encoder: str, batch: int, measured: dict[str, Any]) -> list[dict[s
     rows = []
     latency = batch == 1
     reference = measured[REFERENCE]
+    ort_fp32 = measured.get(ORT_FP32)
     for name, measurement in measured.items():
         row: dict[str, Any] = {"encoder": encoder, "backend": name, "batch": batch, "status": STATUS_OK,
                                "kind": "latency" if latency else "throughput"}
         if latency:
             row["latency_ms"] = measurement.latency_ms()
             row["speedup_vs_eager"] = ratio(reference.latency_ms()["p50"]["median"], row["latency_ms"]["p50"]["median"])
+            if ort_fp32 is not None:
+                row["speedup_vs_onnxruntime_fp32"] = ratio(ort_fp32.latency_ms()["p50"]["median"],
+                                                           row["latency_ms"]["p50"]["median"])
         else:
             row["items_per_s"] = measurement.throughput()
             row["speedup_vs_eager"] = ratio(row["items_per_s"]["median"], reference.throughput()["median"])
+            if ort_fp32 is not None:
+                row["speedup_vs_onnxruntime_fp32"] = ratio(row["items_per_s"]["median"],
+                                                           ort_fp32.throughput()["median"])
         rows.append(row)
     return rows
 
@@ -414,6 +457,10 @@ def run_encoder_benchmarks(bench: BenchModel, settings: EncoderBenchSettings, lo
                 log(f"{encoder} at batch {batch}")
                 measured = run_interleaved(_cases_for(backends, encoder, batch, feeds, queries), timing, log)
                 rows.extend(_rows_for(encoder, batch, measured))
+        profiles = [query_profile(b.name, b.encoders, index, queries[0], settings.top_k, settings.latency)
+                    for b in backends if b.encoders is not None and b.name.startswith("onnxruntime")]
+        log("galr-run startup, a whole process per call")
+        startup = measure_startup(bench, index, queries[0], settings.startup_runs)
     finally:
         for backend in backends:
             backend.close()
@@ -427,9 +474,89 @@ def run_encoder_benchmarks(bench: BenchModel, settings: EncoderBenchSettings, lo
                       **(not_run(unavailable[name]) if name in unavailable else {"status": STATUS_OK})}
                      for name in BACKENDS],
         "rows": rows,
+        "query_profile": profiles,
+        "startup": startup,
         "seconds": round(elapsed() + bench.setup_seconds, 1),
         "setup_seconds": round(bench.setup_seconds, 1),
     }
+
+
+QUERY_STAGES: tuple[str, ...] = ("tokenise", "text encoder", "search", "other")
+
+
+def query_profile(name: str, encoders: Any, index: Any, query: str, top_k: int,
+                  timing: TimingSettings) -> dict[str, Any]:
+    """One end-to-end query (as ``search_text`` runs it) split into stages, on one backend.
+
+    Each call times the tokeniser (``encode_batch``, once, as ``encode_text`` runs it), the text
+    graph (``encode_tokens``), the exact search, and the whole
+    ``index.search(encoders.encode_text(...))``; ``other`` is the whole minus the three stages (query
+    checks, warnings machinery, Python glue, result lists). Medians over every timed call, in ms.
+    """
+    def one() -> dict[str, float]:
+        t0 = time_now()
+        tokens = encoders.tokenizer.encode_batch([query], warn=False).tokens
+        t1 = time_now()
+        embedded = encoders.encode_tokens(tokens)
+        t2 = time_now()
+        index.search(embedded, k=top_k, device="cpu")
+        t3 = time_now()
+        index.search(encoders.encode_text([query]), k=top_k, device="cpu")
+        t4 = time_now()
+        return {"tokenise": t1 - t0, "text encoder": t2 - t1, "search": t3 - t2, "total": t4 - t3}
+
+    for _ in range(max(1, timing.warmup)):
+        one()
+    calls = [one() for _ in range(max(timing.min_iterations, 10) * timing.repeats)]
+    medians = {key: float(np.median([c[key] for c in calls])) * 1e3 for key in calls[0]}
+    medians["other"] = max(0.0, medians["total"] - medians["tokenise"] - medians["text encoder"] - medians["search"])
+    return {"backend": name, "calls": len(calls), "ms": medians}
+
+
+def time_now() -> float:
+    import time
+
+    return time.perf_counter()
+
+
+def measure_startup(bench: BenchModel, index: Any, query: str, runs: int) -> list[dict[str, Any]]:
+    """Wall seconds of whole ``galr-run`` processes answering one query from the benchmark bundle.
+
+    The gallery is ``index`` saved beside the bundle (no text bank, so ``--no-rerank``); each
+    precision (``auto``, which picks ``int8-cpu`` on the CPU when the bundle has it, and ``fp32``)
+    is run ``runs`` times, interleaved, as a user would start it (interpreter, imports, bundle,
+    sessions, index, one query, the table). Returns one entry per precision with every time.
+    """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    if runs < 1:
+        return []
+    with tempfile.TemporaryDirectory(prefix="galr-startup-") as work:
+        index_path, query_path = Path(work) / "gallery.gidx", Path(work) / "query.txt"
+        index.save(index_path)
+        query_path.write_text(query + "\n", encoding="utf-8")
+        script = Path(sys.executable).parent / "galr-run"  # the installed command, as a user starts it
+        command = [str(script)] if script.is_file() else [sys.executable, "-c",
+                                                          "from galr.console import galr_run; galr_run()"]
+        times: dict[str, list[float]] = {"auto": [], "fp32": []}
+        chosen: dict[str, str] = {}
+        for _ in range(runs):
+            for precision in times:
+                args = [*command, str(query_path), "--engine", str(bench.bundle), "--index", str(index_path),
+                        "--no-rerank", "--backend", "onnxruntime", "--device", "cpu", "--precision", precision]
+                start = time.perf_counter()
+                done = subprocess.run(args, capture_output=True, text=True, env={**os.environ}, check=False)
+                times[precision].append(time.perf_counter() - start)
+                if done.returncode != 0:
+                    return [{"precision": precision, "status": "failed",
+                             "reason": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}]
+                chosen[precision] = next((line for line in done.stdout.splitlines() if line.startswith("engine:")), "")[:200]
+    return [{"precision": p, "status": STATUS_OK, "seconds": t, "median_s": float(np.median(t)), "runs": len(t),
+             "info": chosen.get(p, "")} for p, t in times.items()]
 
 
 def read_model_hash(bundle_path: Path) -> str:
@@ -441,12 +568,17 @@ def read_model_hash(bundle_path: Path) -> str:
 __all__ = [
     "BACKENDS",
     "BACKEND_LABELS",
+    "ORT_CPU_INT8",
+    "ORT_FP32",
+    "QUERY_STAGES",
     "ENCODER_NAMES",
     "END_TO_END",
     "REFERENCE",
     "BenchModel",
     "EncoderBenchSettings",
     "e2e_index",
+    "measure_startup",
+    "query_profile",
     "open_backend",
     "prepare_model",
     "random_inputs",

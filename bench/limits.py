@@ -42,7 +42,12 @@ An encoder's limit per item at batch ``B`` is the larger of
 * memory: ``(weights + re-read weights) / B`` at its weight-read rate, plus inputs and outputs at the
   STREAM bandwidth;
 
-and the larger one is reported as the bound. A measured time's *fraction of its limit* is
+and the larger one is reported as the bound. The ``int8-cpu`` rows (ONNX Runtime's CPU INT8 set) use
+their own cost (:func:`int8_cpu_costs`: INT8 weights are one byte, so the global encoder's weights
+and the GRU's ``W_ih`` / ``W_hh`` count a quarter of their FP32 bytes; the local and fusion graphs,
+the word embedding and the text output layer stay FP32) and their own compute peak, the u8 x s8 -> s32
+matrix-multiply rate of ONNX Runtime's ``MatMulInteger`` (the MLAS kernel the integer ops use),
+measured here like the float one. A measured time's *fraction of its limit* is
 ``limit / measured`` (100% = at the limit). The limits are measurements on this machine, not
 datasheet maxima, so a kernel that beats the micro-benchmark can show slightly over 100%.
 """
@@ -229,6 +234,29 @@ def _read_rate(size_bytes: float, timing: TimingSettings) -> dict[str, float]:
     return _matrix_vector_rate(max(1, int(round(size_bytes / FLOAT_BYTES / columns))), columns, timing)
 
 
+def _int8_matmul_rate(n: int, timing: TimingSettings) -> dict[str, float] | None:
+    """Giga-ops/s of ONNX Runtime's ``MatMulInteger`` (u8 x s8 -> s32, n x n x n) on the CPU provider;
+    ``None`` without ONNX Runtime. Threads: torch's, as the float peaks."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "b")
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "int8_peak",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])], initializer=[weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    import torch
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the threads the float peaks ran with
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    a = rng.integers(0, 256, (n, n), dtype=np.uint8)
+    return _rates(lambda: session.run(None, {"a": a}), 2.0 * n ** 3 / 1e9, timing)
+
+
 def _matmul_rates(n: int, timing: TimingSettings) -> dict[str, dict[str, float]]:
     import torch
 
@@ -264,8 +292,9 @@ def measure_peaks(settings: PeakSettings, log: Log, working_sets: dict[str, floa
     import torch
 
     n = settings.matmul_size
-    log(f"peak matmul: {n}x{n} float32, numpy and torch")
+    log(f"peak matmul: {n}x{n} float32, numpy and torch; u8 x s8 with ONNX Runtime's MatMulInteger")
     matmul = _matmul_rates(n, settings.timing)
+    int8_matmul = _int8_matmul_rate(n, settings.timing)
     llc = cache_bytes("L3") or cache_bytes("L2") or 0
     array_bytes = settings.stream_bytes or max(4 * llc, 256 * 2**20)
     log(f"STREAM copy/triad: 3 arrays of {array_bytes / 2**20:.0f} MiB")
@@ -276,7 +305,7 @@ def measure_peaks(settings: PeakSettings, log: Log, working_sets: dict[str, floa
     log(f"weight-read rates at {len(working_sets or {})} working-set sizes")
     reads = {name: _read_rate(size, settings.timing) for name, size in (working_sets or {}).items()}
     return {
-        "matmul_gflops": matmul, "bandwidth_gbs": bandwidth, "gemv_gbs": gemv, "weight_read_gbs": reads,
+        "matmul_gflops": matmul, "int8_matmul_gops": int8_matmul, "bandwidth_gbs": bandwidth, "gemv_gbs": gemv, "weight_read_gbs": reads,
         "stream_array_bytes": array_bytes, "last_level_cache_bytes": llc or None,
         "torch_threads": torch.get_num_threads(), "settings": settings.to_dict(),
     }
@@ -286,7 +315,8 @@ def measure_peaks(settings: PeakSettings, log: Log, working_sets: dict[str, floa
 # Limits and fractions
 
 
-def limit_seconds(name: str, cost: EncoderCost, batch: int, peaks: dict[str, Any]) -> tuple[float, str]:
+def limit_seconds(name: str, cost: EncoderCost, batch: int, peaks: dict[str, Any], int8: bool = False
+                  ) -> tuple[float, str]:
     """The shortest time per item the peaks allow at ``batch``, and the bound (``compute``/``memory``).
 
     Args:
@@ -294,10 +324,16 @@ def limit_seconds(name: str, cost: EncoderCost, batch: int, peaks: dict[str, Any
         cost: its analytic cost.
         batch: items per call.
         peaks: :func:`measure_peaks`.
+        int8: an INT8 row: its compute runs at the measured u8 x s8 rate (when measured).
     """
     flops_rate = max(v["max"] for v in peaks["matmul_gflops"].values()) * 1e9
+    if int8 and peaks.get("int8_matmul_gops"):
+        flops_rate = peaks["int8_matmul_gops"]["max"] * 1e9
     stream = max(v["max"] for v in peaks["bandwidth_gbs"].values()) * 1e9  # the best measured DRAM rate
-    weight_rate = peaks["weight_read_gbs"].get(name, {}).get("max", stream / 1e9) * 1e9
+    reads = peaks["weight_read_gbs"]
+    # An INT8 row reads fewer bytes, so its weights may sit in a faster cache: its own working set's rate.
+    read = reads.get(f"{INT8_PREFIX}{name}") if int8 else None
+    weight_rate = (read or reads.get(name, {})).get("max", stream / 1e9) * 1e9
     terms = {
         "compute": cost.flops_per_item / flops_rate,
         "memory": (cost.weight_bytes + cost.streamed_bytes) / batch / weight_rate + cost.io_bytes_per_item / stream,
@@ -306,12 +342,13 @@ def limit_seconds(name: str, cost: EncoderCost, batch: int, peaks: dict[str, Any
     return terms[bound], bound
 
 
-def _pipeline_limit(name: str, costs: dict[str, EncoderCost], batch: int, peaks: dict[str, Any]) -> tuple[float, str]:
+def _pipeline_limit(name: str, costs: dict[str, EncoderCost], batch: int, peaks: dict[str, Any],
+                    int8: bool = False) -> tuple[float, str]:
     """:func:`limit_seconds` of an encoder, or the sum over the stages of a pipeline (:data:`STAGES`);
     a pipeline's bound is that of its slowest stage."""
     if name not in STAGES:
-        return limit_seconds(name, costs[name], batch, peaks)
-    limits = [limit_seconds(stage, costs[stage], batch, peaks) for stage in STAGES[name]]
+        return limit_seconds(name, costs[name], batch, peaks, int8)
+    limits = [limit_seconds(stage, costs[stage], batch, peaks, int8 and stage != "search") for stage in STAGES[name]]
     return sum(seconds for seconds, _ in limits), max(limits)[1]
 
 
@@ -323,24 +360,55 @@ def _measured_seconds_per_item(row: dict[str, Any]) -> float | None:
     return None
 
 
-FRACTION_BACKENDS = ("pytorch-eager", "onnxruntime-fp32")
+INT8_CPU_BACKEND = "onnxruntime-int8-cpu"
+#: Key prefix of the INT8 working sets in ``peaks["weight_read_gbs"]``.
+INT8_PREFIX = "int8-cpu:"
+FRACTION_BACKENDS = ("pytorch-eager", "onnxruntime-fp32", INT8_CPU_BACKEND)
 
 
-def fractions_of_limit(costs: dict[str, EncoderCost], peaks: dict[str, Any], encoder_rows: list[dict[str, Any]]
-                       ) -> list[dict[str, Any]]:
-    """For each FP32 row of the encoder section: its limit, the binding term and ``limit / measured``.
+def int8_cpu_costs(config: GaLRConfig, costs: dict[str, EncoderCost]) -> dict[str, EncoderCost]:
+    """The costs of the ``int8-cpu`` set: the same FLOPs, fewer bytes (see the module docstring)."""
+    e, h = config.word_dim, config.gru_hidden
+    text = costs["text"]
+    gru_saved = (3 * h * e + 3 * h * h) * (FLOAT_BYTES - 1)  # W_ih and W_hh: 1 byte instead of 4
+    out = dict(costs)
+    out["global"] = EncoderCost(costs["global"].flops_per_item, costs["global"].weight_bytes / FLOAT_BYTES,
+                                costs["global"].io_bytes_per_item)
+    out["text"] = EncoderCost(text.flops_per_item, text.weight_bytes - gru_saved, text.io_bytes_per_item,
+                              text.streamed_bytes / FLOAT_BYTES)
+    search = costs["search"]
+    out["end-to-end"] = EncoderCost(out["text"].flops_per_item + search.flops_per_item,
+                                    out["text"].weight_bytes + search.weight_bytes, text.io_bytes_per_item,
+                                    out["text"].streamed_bytes)
+    return out
 
-    INT8 and FP16 rows are left out: their peak rates were not measured here (only float32 ones).
+
+#: Encoders whose int8-cpu weights differ from FP32 (their read rate is measured at the INT8 size).
+INT8_WORKING_SETS = ("global", "text", "end-to-end")
+
+
+def fractions_of_limit(costs: dict[str, EncoderCost], peaks: dict[str, Any], encoder_rows: list[dict[str, Any]],
+                       int8_costs: dict[str, EncoderCost] | None = None) -> list[dict[str, Any]]:
+    """For each FP32 row, and each ``int8-cpu`` row, of the encoder section: its limit, the binding term
+    and ``limit / measured``.
+
+    The ``int8-cpu`` rows use ``int8_costs`` (:func:`int8_cpu_costs`) and the INT8 compute peak; they
+    are left out when ``int8_costs`` is not given. The TensorRT-layout INT8 and FP16 rows are left
+    out: their peak rates were not measured here.
     """
     out = []
     for row in encoder_rows:
         if row.get("backend") not in FRACTION_BACKENDS or row.get("status") != STATUS_OK:
             continue
+        int8 = row["backend"] == INT8_CPU_BACKEND
+        if int8 and int8_costs is None:
+            continue
+        row_costs = int8_costs if int8 else costs
         measured = _measured_seconds_per_item(row)
-        cost = costs.get(row["encoder"])
+        cost = row_costs.get(row["encoder"])
         if measured is None or cost is None:
             continue
-        limit, bound = _pipeline_limit(row["encoder"], costs, row["batch"], peaks)
+        limit, bound = _pipeline_limit(row["encoder"], row_costs, row["batch"], peaks, int8)
         out.append({"encoder": row["encoder"], "backend": row["backend"], "batch": row["batch"],
                     "measured_ms_per_item": measured * 1e3, "limit_ms_per_item": limit * 1e3, "bound": bound,
                     "fraction_of_limit": limit / measured,
@@ -354,11 +422,15 @@ def run_limits(config: GaLRConfig, tokens: int, gallery: int, batches: tuple[int
     """The ``limits`` section without fractions (they need the encoder rows: :func:`attach_fractions`)."""
     elapsed = stopwatch()
     costs = encoder_costs(config, tokens, gallery)
+    int8 = int8_cpu_costs(config, costs)
     return {
         "status": STATUS_OK, "config": config.to_dict(), "text_tokens": tokens, "e2e_gallery": gallery,
         "batches": list(batches),
         "encoders": {name: cost.to_dict(batches) for name, cost in costs.items()},
-        "peaks": measure_peaks(settings, log, {name: cost.weight_bytes for name, cost in costs.items()}),
+        "encoders_int8_cpu": {name: int8[name].to_dict(batches) for name in INT8_WORKING_SETS},
+        "peaks": measure_peaks(settings, log, {**{name: cost.weight_bytes for name, cost in costs.items()},
+                                               **{f"{INT8_PREFIX}{name}": int8[name].weight_bytes
+                                                  for name in INT8_WORKING_SETS}}),
         "fractions": [],
         "seconds": round(elapsed(), 1),
     }
@@ -370,7 +442,7 @@ def attach_fractions(limits: dict[str, Any], encoders: dict[str, Any]) -> None:
         return
     config = GaLRConfig.from_dict(limits["config"])
     costs = encoder_costs(config, limits["text_tokens"], limits["e2e_gallery"])
-    limits["fractions"] = fractions_of_limit(costs, limits["peaks"], encoders["rows"])
+    limits["fractions"] = fractions_of_limit(costs, limits["peaks"], encoders["rows"], int8_cpu_costs(config, costs))
 
 
 __all__ = [
@@ -382,6 +454,7 @@ __all__ = [
     "end_to_end_cost",
     "fractions_of_limit",
     "fusion_cost",
+    "int8_cpu_costs",
     "global_cost",
     "limit_seconds",
     "local_cost",

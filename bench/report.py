@@ -104,9 +104,12 @@ def _encoders(section: Mapping[str, Any]) -> str:
         f"Model: GaLR with embed {config['embed_dim']}, image {config['image_size']} px, GRU hidden "
         f"{config['gru_hidden']}, {section['model']}. Text: {settings['text_length']} tokens. End to end: "
         f"{section['e2e']}. Setup (export, INT8 calibration, bundle): {section['setup_seconds']} s.",
-        "ONNX Runtime INT8 runs the global, local and fusion graphs as Q/DQ INT8; the INT8 set keeps the text graph "
-        "in FP32 (no Q/DQ tool quantises GRU internals, see `calibration/int8.py`), so its text and end-to-end rows "
-        "run the FP32 text graph.",
+        "ONNX Runtime INT8 runs the global, local and fusion graphs as Q/DQ INT8 (TensorRT's set); that set keeps the "
+        "text graph in FP32 (no Q/DQ tool quantises GRU internals, see `calibration/int8/`), so its text and "
+        "end-to-end rows run the FP32 text graph. ONNX Runtime INT8-CPU is the `int8-cpu` set made for the CPU "
+        "provider (`calibration/int8/cpu.py`): the global graph as u8/s8 QDQ fused into integer kernels, the GRU as a "
+        "loop over INT8 weights (MatMulNBits), local and fusion in FP32; `galr-run` picks it on the CPU by itself. "
+        "\"vs ORT FP32\" is each row against the ONNX Runtime FP32 row of the same run.",
     ]
     rows = section["rows"]
     encoders = list(dict.fromkeys(row["encoder"] for row in rows))
@@ -120,10 +123,10 @@ def _encoders(section: Mapping[str, Any]) -> str:
             latency = row["latency_ms"]
             latency_rows.append((encoder, labels[name], _spread(latency["p50"]), _spread(latency["p95"]),
                                  _spread(latency["p99"]), f"{latency['runs']} x {latency['calls_per_run']}",
-                                 _speedup(row["speedup_vs_eager"])))
+                                 _speedup(row["speedup_vs_eager"]), _speedup(row.get("speedup_vs_onnxruntime_fp32"))))
     parts.append("**Latency at batch 1** (ms per call; median [min-max] over runs):")
-    parts.append(_table(("encoder", "backend", "p50", "p95", "p99", "runs x calls", "speed-up vs eager (p50)"),
-                        latency_rows))
+    parts.append(_table(("encoder", "backend", "p50", "p95", "p99", "runs x calls", "speed-up vs eager (p50)",
+                         "vs ORT FP32 (p50)"), latency_rows))
     batches = settings["batch_sizes"]
     throughput_rows = []
     for encoder in encoders:
@@ -134,11 +137,41 @@ def _encoders(section: Mapping[str, Any]) -> str:
             cells = []
             for batch in batches:
                 row = next(r for r in rows if r["encoder"] == encoder and r["backend"] == name and r["batch"] == batch)
-                cells.append(f"{_spread(row['items_per_s'])} ({_speedup(row['speedup_vs_eager'])})")
+                versus = row.get("speedup_vs_onnxruntime_fp32")
+                cells.append(f"{_spread(row['items_per_s'])} ({_speedup(row['speedup_vs_eager'])}"
+                             + (f"; {_speedup(versus)} vs ORT FP32)" if versus is not None else ")"))
             throughput_rows.append((encoder, labels[name], *cells))
-    parts.append("**Throughput** (items/s; median [min-max] over runs; speed-up vs eager of the same batch):")
+    parts.append("**Throughput** (items/s; median [min-max] over runs; speed-up vs eager, and vs ONNX Runtime FP32, "
+                 "of the same batch):")
     parts.append(_table(("encoder", "backend", *[f"batch {b}" for b in batches]), throughput_rows))
+    parts.extend(_query_profile(section, labels))
     return "\n\n".join(parts)
+
+
+def _query_profile(section: Mapping[str, Any], labels: Mapping[str, str]) -> list[str]:
+    """The per-stage table of one end-to-end query and the galr-run startup times (when measured)."""
+    parts = []
+    profiles = section.get("query_profile") or []
+    if profiles:
+        stages = ("tokenise", "text encoder", "search", "other", "total")
+        rows = [(labels.get(p["backend"], p["backend"]), *[_number(p["ms"].get(s)) for s in stages],
+                 str(p["calls"])) for p in profiles]
+        parts.append("**One end-to-end query by stage** (batch 1; ms, median over the calls; `other` = the whole "
+                     "`search_text` call minus its three stages):")
+        parts.append(_table(("backend", *stages, "calls"), rows))
+    startup = section.get("startup") or []
+    if startup:
+        rows = []
+        for entry in startup:
+            if entry.get("status") != STATUS_OK:
+                rows.append((entry["precision"], f"failed: {entry.get('reason', '?')}", "", ""))
+                continue
+            rows.append((entry["precision"], _number(entry["median_s"]),
+                         ", ".join(_number(s) for s in entry["seconds"]), entry.get("info", "")))
+        parts.append("**`galr-run` startup** (one whole process answering one query from the benchmark bundle and a "
+                     "saved copy of the end-to-end gallery, `--no-rerank`; seconds):")
+        parts.append(_table(("--precision", "median s", "every run", "what ran"), rows))
+    return parts
 
 
 def _gallery(section: Mapping[str, Any]) -> str:
@@ -344,6 +377,7 @@ def _limits(section: Mapping[str, Any]) -> str:
     peak_rows = [
         ("float32 matmul, numpy", f"{_spread(peaks['matmul_gflops']['numpy'])} GFLOP/s"),
         ("float32 matmul, torch", f"{_spread(peaks['matmul_gflops']['torch'])} GFLOP/s"),
+        ("u8 x s8 matmul, ONNX Runtime MatMulInteger", f"{_spread(peaks.get('int8_matmul_gops'))} GOP/s"),
         ("STREAM copy (torch)", f"{_spread(peaks['bandwidth_gbs']['copy'])} GB/s"),
         ("STREAM triad (torch, fused)", f"{_spread(peaks['bandwidth_gbs']['triad'])} GB/s"),
         ("copy, numpy 1 thread", f"{_spread(peaks['bandwidth_gbs']['numpy_copy_1_thread'])} GB/s"),
@@ -354,11 +388,14 @@ def _limits(section: Mapping[str, Any]) -> str:
     first, last = 1, max(batches)
     reads = peaks.get("weight_read_gbs", {})
     cost_rows = []
-    for name, cost in section["encoders"].items():
+    int8_costs = {f"{name} (int8-cpu)": (cost, f"int8-cpu:{name}")
+                  for name, cost in (section.get("encoders_int8_cpu") or {}).items()}
+    all_costs = {**{name: (cost, name) for name, cost in section["encoders"].items()}, **int8_costs}
+    for name, (cost, read_key) in all_costs.items():
         cost_rows.append((name, _number(cost["flops_per_item"] / 1e9), _mib(cost["weight_bytes"]),
                           _mib(cost["streamed_bytes"]), _mib(cost["bytes_per_item"][str(first)]),
                           _mib(cost["bytes_per_item"][str(last)]), _number(cost["flops_per_byte"][str(first)]),
-                          _number(cost["flops_per_byte"][str(last)]), _spread(reads.get(name))))
+                          _number(cost["flops_per_byte"][str(last)]), _spread(reads.get(read_key))))
     parts = [
         f"Machine peaks (STREAM arrays of {_mib(peaks['stream_array_bytes'])} MiB each; median [min-max] over runs; "
         f"torch threads {peaks['torch_threads']}):",
@@ -376,12 +413,15 @@ def _limits(section: Mapping[str, Any]) -> str:
     fraction_rows = [(f["encoder"], f["backend"], f["batch"], _number(f["measured_ms_per_item"]),
                       _number(f["limit_ms_per_item"]), f["bound"], f"{f['fraction_of_limit'] * 100:.1f}%",
                       _number(f["achieved_gflops"]), _number(f["achieved_gbs"])) for f in fractions]
-    parts.append("Each FP32 measurement against its limit (the larger of FLOPs / peak matmul and weight bytes / "
-                 "weight-read rate + I/O bytes / STREAM; see `bench/limits.py`):")
+    parts.append("Each FP32 measurement, and each ONNX Runtime INT8-CPU one, against its limit (the larger of FLOPs / "
+                 "peak matmul and weight bytes / weight-read rate + I/O bytes / STREAM; INT8-CPU rows count one byte per "
+                 "INT8 weight and use the u8 x s8 peak; see `bench/limits.py`):")
     parts.append(_table(("encoder", "backend", "batch", "measured ms/item", "limit ms/item", "bound", "of limit",
                          "GFLOP/s", "GB/s"), fraction_rows))
     best: dict[tuple[str, int], Mapping[str, Any]] = {}
     for fraction in fractions:
+        if fraction["backend"] == "onnxruntime-int8-cpu":  # its costs differ from the FP32 table's
+            continue
         key = (fraction["encoder"], fraction["batch"])
         if key not in best or fraction["fraction_of_limit"] > best[key]["fraction_of_limit"]:
             best[key] = fraction

@@ -29,6 +29,11 @@ def _format_report(report) -> str:
     if report.calibration:
         c = report.calibration
         lines += ["", f"INT8 calibration: {c.get('method')} on {c.get('images')} images, quantised graphs {c.get('quantized_graphs')}"]
+    if report.calibration_int8_cpu:
+        c = report.calibration_int8_cpu
+        kernels = {name: graph.get("integer_kernels") for name, graph in c.get("graphs", {}).items()}
+        lines += [f"INT8-CPU set: {c.get('settings', {}).get('method')} ranges on {c.get('images')} images, "
+                  f"quantised graphs {c.get('quantized_graphs')}, integer kernels after ORT's optimiser {kernels}"]
     for note in report.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -41,6 +46,9 @@ def _format_report(report) -> str:
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=paths.DEFAULT_BUNDLE, show_default=True)
 @click.option("--fp16", is_flag=True, help="Also export FP16 graphs (precision inside the ONNX, FP32 I/O).")
 @click.option("--int8", is_flag=True, help="Also export INT8 Q/DQ graphs calibrated on --dataset.")
+@click.option("--int8-cpu", "int8_cpu", is_flag=True,
+              help="Also export the int8-cpu set for ONNX Runtime's CPU provider (u8/s8 integer kernels, the GRU as a "
+                   "loop over INT8 weights), calibrated on --dataset; galr-run then uses it on the CPU by itself.")
 @click.option("--dataset", type=click.Path(path_type=Path), default=None,
               help=f"Dataset root (original layout) for real parity inputs, accuracy gates and INT8 calibration "
                    f"[default: {paths.DEFAULT_BENCHMARK} when it exists].")
@@ -56,7 +64,7 @@ def _format_report(report) -> str:
                    "galr-locate and galr-serve then use it for the DREA input by default.")
 @click.option("--tensorrt", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Build TensorRT engines: auto = when TensorRT and a GPU are present; yes = fail otherwise.")
-def main(checkpoint, vocab, output, fp16, int8, dataset, split, calibration_split, calibration_method,
+def main(checkpoint, vocab, output, fp16, int8, int8_cpu, dataset, split, calibration_split, calibration_method,
          calibration_images, gate_images, max_text_length, detector, tensorrt) -> None:
     """Export a trained GaLR to a gated, self-describing galr.plan bundle.
 
@@ -72,7 +80,8 @@ def main(checkpoint, vocab, output, fp16, int8, dataset, split, calibration_spli
         dataset = paths.DEFAULT_BENCHMARK
     if dataset is not None and not dataset.is_dir():
         raise NotFoundError(f"dataset folder not found: {dataset}")
-    settings = ExportSettings(checkpoint=checkpoint, output=output, vocab=vocab, fp16=fp16, int8=int8, dataset=dataset,
+    settings = ExportSettings(checkpoint=checkpoint, output=output, vocab=vocab, fp16=fp16, int8=int8, int8_cpu=int8_cpu,
+                              dataset=dataset,
                               split=split, calibration_split=calibration_split, calibration_method=calibration_method,
                               calibration_images=calibration_images, gate_images=gate_images,
                               max_text_length=max_text_length, tensorrt=tensorrt, detector=detector)

@@ -15,6 +15,7 @@ from typing import Callable
 
 from galr import graphs
 from galr.bundle import (
+    ENGINE_PRECISIONS,
     EngineEntry,
     engine_key,
     engine_member,
@@ -42,7 +43,8 @@ def build_bundle_engines(bundle_path: Path, precisions: list[str] | None = None,
                          workspace_bytes: int = 2 << 30, timing_cache: Path | None = None,
                          log: Callable[[str], None] = print, trt: ModuleType | None = None,
                          gpu_probe: Callable[[], GpuInfo | None] = probe_gpu) -> list[EngineEntry]:
-    """Build engines for ``precisions`` (default: every precision in the bundle) and store them.
+    """Build engines for ``precisions`` (default: every TensorRT precision in the bundle, so not
+    ``int8-cpu``) and store them.
 
     Args:
         bundle_path: the bundle, rewritten atomically with the new engine sets.
@@ -70,7 +72,8 @@ def build_bundle_engines(bundle_path: Path, precisions: list[str] | None = None,
     trt_version = str(trt.__version__) if trt is not None else probe_tensorrt().version
     max_text = bundle.spec.max_text_length
     entries, members = [], {}
-    for precision in precisions or bundle.precisions:
+    # int8-cpu graphs are for ONNX Runtime's CPU provider (MatMulNBits, u8/s8 QDQ); TensorRT builds int8.
+    for precision in precisions or [p for p in bundle.precisions if p in ENGINE_PRECISIONS]:
         key = engine_key(bundle, precision, gpu.compute_capability, trt_version)
         plan_members, profiles = {}, {}
         for name in graphs.GRAPH_NAMES:

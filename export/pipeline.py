@@ -3,12 +3,14 @@
 Order of work (each step must pass before anything is written):
 
 1. load the checkpoint (galr's own, or the authors' with ``--vocab``) and its preprocessing spec;
-2. export the four FP32 graphs; derive FP16 (precision in the graph) and INT8 (explicit Q/DQ) graphs
-   when asked;
+2. export the four FP32 graphs; derive FP16 (precision in the graph), INT8 (explicit Q/DQ, for
+   TensorRT) and INT8-CPU (u8/s8 integer kernels and an INT8-weight GRU loop, for ONNX Runtime's CPU
+   provider) graphs when asked;
 3. assemble the bundle **in memory** and serve it through the runtime exactly as a user would:
    each FP32 graph, and the image chain end to end, against PyTorch on real inputs (ONNX Runtime
    FP32: cosine >= 0.99999, max abs error <= 1e-4), then every precision's retrieval scores, FP16
-   and INT8 gated against FP32 (cosine, and mR when a dataset is available);
+   and INT8 gated against FP32 (cosine, and mR when a dataset is available); the INT8-CPU text
+   graph is also gated alone (cosine >= 0.999 and the mR of FP32 images with its text embeddings);
 4. add the reports to the manifest and write the bundle **once**, atomically, then build TensorRT
    engines into it when TensorRT and a GPU exist.
 """
@@ -37,7 +39,18 @@ from galr.clock import utc_now
 from galr.container import sha256_bytes
 from galr.errors import InputError
 from galr.export.onnx_export import ExportOptions, export_all
-from galr.retrieval.parity import FP16_GATE, FP32_GATE, INT8_GATE, ParityError, compare
+from galr.retrieval.parity import (
+    FP16_GATE,
+    FP32_GATE,
+    INT8_GATE,
+    ParityError,
+    ParityGate,
+    compare,
+)
+
+CPU_INT8 = "int8-cpu"
+#: The INT8-CPU text graph (INT8 GRU weights) against the FP32 text graph.
+CPU_TEXT_GATE = ParityGate(min_cosine=0.999)
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,9 @@ class ExportSettings:
         vocab: vocabulary JSON (required for authors' checkpoints).
         fp16: also export FP16 graphs.
         int8: also export INT8 (Q/DQ) graphs; needs calibration data (``dataset``).
+        int8_cpu: also export the ``int8-cpu`` set for ONNX Runtime's CPU provider
+            (:mod:`galr.calibration.int8.cpu`); needs calibration data (``dataset``). The runtime
+            chooses it on ONNX Runtime's CPU provider by itself.
         dataset: a dataset root in the original layout (images, captions, detections) used for
             real parity inputs, FP16/INT8 mR gates and INT8 calibration. ``None`` = random inputs.
         split: the split of ``dataset`` used for the accuracy gates.
@@ -61,6 +77,11 @@ class ExportSettings:
         gate_images: images (x5 captions) for the mR gates; ``0`` = the whole split.
         max_mr_drop_fp16: fail if FP16 mR is lower than FP32 by more than this.
         max_mr_drop_int8: fail if INT8 mR is lower than FP32 by more than this.
+        max_mr_drop_int8_cpu: fail if INT8-CPU mR is lower than FP32 by more than this.
+        max_mr_drop_cpu_text: fail if the INT8-CPU text graph alone (with FP32 image embeddings)
+            loses more mR than this.
+        cpu_text_kernel: how the INT8-CPU text graph stores its GRU weights
+            (:data:`galr.calibration.int8.cpu_text.RECURRENT_KERNELS`).
         max_text_length: longest query in tokens (also the TensorRT text profile); ``None`` keeps the
             checkpoint's.
         tensorrt: ``"auto"`` (build engines when TensorRT and a GPU exist), ``"yes"`` (fail when they do
@@ -75,6 +96,7 @@ class ExportSettings:
     vocab: Path | None = None
     fp16: bool = False
     int8: bool = False
+    int8_cpu: bool = False
     dataset: Path | None = None
     split: str = "test"
     calibration_split: str = "train"
@@ -84,6 +106,9 @@ class ExportSettings:
     gate_images: int = 0
     max_mr_drop_fp16: float = 0.5
     max_mr_drop_int8: float = 1.0
+    max_mr_drop_int8_cpu: float = 1.0
+    max_mr_drop_cpu_text: float = 0.5
+    cpu_text_kernel: str = "matmulnbits"
     max_text_length: int | None = None
     tensorrt: str = "auto"
     opset: int = 17
@@ -98,6 +123,7 @@ class ExportReport:
     parity: dict[str, dict[str, Any]] = field(default_factory=dict)
     accuracy: dict[str, dict[str, Any]] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
+    calibration_int8_cpu: dict[str, Any] = field(default_factory=dict)
     engines: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     inputs: str = ""
@@ -194,7 +220,8 @@ def build_manifest(loaded, spec, checkpoint: Path, graph_bytes: dict[str, dict[s
 
 def _reports(report: ExportReport) -> dict[str, Any]:
     return {"inputs": report.inputs, "parity": report.parity, "accuracy": report.accuracy,
-            "calibration": report.calibration}
+            "calibration": report.calibration,
+            **({"calibration_int8_cpu": report.calibration_int8_cpu} if report.calibration_int8_cpu else {})}
 
 
 def _plain(value: Any) -> Any:
@@ -220,11 +247,13 @@ def _accuracy_gates(bundle: Bundle, inputs, precisions: list[str], settings: Exp
     results = {}
     for precision in precisions:
         log(f"scoring {precision} graphs on {len(inputs.image_names)} images / {len(inputs.captions)} captions")
-        with load_engine(bundle, backend="onnxruntime", device="cpu", precision=precision) as encoders:
+        with load_engine(bundle, backend="onnxruntime", device="cpu", precision=precision, cpu_int8=False) as encoders:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 results[precision] = evaluate_encoder(encoders, inputs, RerankConfig())
     base = results["fp32"]
+    max_drops = {"fp16": settings.max_mr_drop_fp16, "int8": settings.max_mr_drop_int8,
+                 CPU_INT8: settings.max_mr_drop_int8_cpu}
     for precision, result in results.items():
         entry: dict[str, Any] = {"metrics": result.metrics.to_dict(), "metrics_rerank": result.metrics_rerank.to_dict()}
         if precision != "fp32":
@@ -232,12 +261,29 @@ def _accuracy_gates(bundle: Bundle, inputs, precisions: list[str], settings: Exp
             text_stats = compare(base.text_embeddings, result.text_embeddings)
             drop = base.metrics.mean_recall - result.metrics.mean_recall
             entry.update({"vs_fp32_image": image_stats.to_dict(), "vs_fp32_text": text_stats.to_dict(), "mr_drop": drop})
-            gate, max_drop = (FP16_GATE, settings.max_mr_drop_fp16) if precision == "fp16" else (INT8_GATE, settings.max_mr_drop_int8)
+            gate, max_drop = (FP16_GATE, max_drops["fp16"]) if precision == "fp16" else (INT8_GATE, max_drops[precision])
+            if precision == CPU_INT8:  # the text graph's own, stricter gate first: its failure names it
+                entry["text_only"] = _cpu_text_gate(base, result, inputs.captions_per_image, settings)
             gate.check(image_stats, f"{precision} image embeddings vs FP32")
             gate.check(text_stats, f"{precision} text embeddings vs FP32")
             if settings.dataset is not None and drop > max_drop:
                 raise ParityError(f"{precision} loses {drop:.2f} mR against FP32 (allowed {max_drop}); the export was not written")
         report.accuracy[precision] = entry
+
+
+def _cpu_text_gate(base, result, captions_per_image: int, settings: ExportSettings) -> dict[str, Any]:
+    """The INT8-CPU text graph alone: its embeddings against FP32 (cosine >= 0.999), and the mR of the
+    FP32 image embeddings scored against them (at most ``max_mr_drop_cpu_text`` below FP32)."""
+    from galr.retrieval.metrics import evaluate_similarity
+
+    stats = compare(base.text_embeddings, result.text_embeddings)
+    CPU_TEXT_GATE.check(stats, f"{CPU_INT8} text graph vs FP32")
+    metrics = evaluate_similarity(base.image_embeddings @ result.text_embeddings.T, captions_per_image)
+    drop = base.metrics.mean_recall - metrics.mean_recall
+    if settings.dataset is not None and drop > settings.max_mr_drop_cpu_text:
+        raise ParityError(f"the {CPU_INT8} text graph loses {drop:.2f} mR against FP32 with FP32 image embeddings "
+                          f"(allowed {settings.max_mr_drop_cpu_text}); the export was not written")
+    return {"vs_fp32_text": stats.to_dict(), "metrics": metrics.to_dict(), "mr_drop": drop}
 
 
 def export_bundle(settings: ExportSettings, log: Callable[[str], None] = print) -> ExportReport:
@@ -266,9 +312,9 @@ def export_bundle(settings: ExportSettings, log: Callable[[str], None] = print) 
     graph_bytes: dict[str, dict[str, bytes]] = {"fp32": {n: p.SerializeToString() for n, p in protos.items()}}
     if settings.fp16:
         graph_bytes["fp16"] = {name: convert_to_fp16(proto).SerializeToString() for name, proto in protos.items()}
+    if (settings.int8 or settings.int8_cpu) and settings.dataset is None:
+        raise InputError("INT8 needs calibration data: pass --dataset (images with detections and captions)")
     if settings.int8:
-        if settings.dataset is None:
-            raise InputError("INT8 needs calibration data: pass --dataset (images with detections and captions)")
         from galr.calibration.int8 import CalibrationSettings, quantize_bundle_graphs
 
         log(f"calibrating INT8 ({settings.calibration_method}) on the {settings.calibration_split} split")
@@ -278,6 +324,9 @@ def export_bundle(settings: ExportSettings, log: Callable[[str], None] = print) 
                                 method=settings.calibration_method, max_images=settings.calibration_images,
                                 evaluation_split=settings.split),
             log=log)
+    if settings.int8_cpu:
+        graph_bytes[CPU_INT8], report.calibration_int8_cpu = _cpu_int8_graphs(graph_bytes["fp32"], loaded.vocab,
+                                                                              spec, settings, log)
 
     members = {onnx_member(p, n): data for p, graphs_ in graph_bytes.items() for n, data in graphs_.items()}
     manifest = build_manifest(loaded, spec, settings.checkpoint, graph_bytes, settings, report)
@@ -309,6 +358,18 @@ def _checked_detector(path: Path, spec, log) -> tuple[dict[str, Any], bytes]:
                  "names": list(detector.info.names), "imgsz": list(detector.info.imgsz),
                  "drea_labels": list(detector.labels), "sha256": sha256_bytes(data)}
     return entry, data
+
+
+def _cpu_int8_graphs(fp32: dict[str, bytes], vocab, spec, settings: ExportSettings, log) -> tuple[dict[str, bytes], dict]:
+    from galr.calibration.int8 import CalibrationSettings
+    from galr.calibration.int8.cpu import CpuInt8Settings, build_cpu_int8_graphs
+    from galr.calibration.int8.cpu_text import CpuTextSettings
+
+    log(f"building the int8-cpu set (ONNX Runtime CPU kernels) from the {settings.calibration_split} split")
+    calibration = CalibrationSettings(dataset=settings.dataset, split=settings.calibration_split,
+                                      max_images=settings.calibration_images, evaluation_split=settings.split)
+    return build_cpu_int8_graphs(fp32, vocab, spec, calibration,
+                                 CpuInt8Settings(text=CpuTextSettings(kernel=settings.cpu_text_kernel)), log=log)
 
 
 def _maybe_build_engines(settings: ExportSettings, report: ExportReport, log) -> None:

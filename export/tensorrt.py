@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import Any, Callable, Mapping, Sequence
 
 from galr.atomic import write_bytes_atomically
-from galr.bundle import PRECISIONS
+from galr.bundle import ENGINE_PRECISIONS
 from galr.config import GaLRConfig
 from galr.errors import InputError, UnavailableError
 from galr.graphs import BATCH_AXIS, GRAPH_NAMES, TEXT_AXIS, graph_io
@@ -88,8 +88,8 @@ class TensorRTBuildConfig:
     version_compatible: bool = False
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise InputError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in ENGINE_PRECISIONS:
+            raise InputError(f"precision must be one of {list(ENGINE_PRECISIONS)}, got {self.precision!r}")
         if self.workspace_bytes <= 0:
             raise InputError(f"workspace_bytes must be positive, got {self.workspace_bytes}")
         if self.builder_optimization_level is not None and not 0 <= self.builder_optimization_level <= 5:
@@ -354,8 +354,8 @@ def build_engine(
     major = tensorrt_major(trt)
     if source_precision is None:
         source_precision = onnx_precision(onnx_bytes)
-    elif source_precision not in PRECISIONS:
-        raise InputError(f"source_precision must be one of {list(PRECISIONS)}, got {source_precision!r}")
+    elif source_precision not in ENGINE_PRECISIONS:
+        raise InputError(f"source_precision must be one of {list(ENGINE_PRECISIONS)}, got {source_precision!r}")
     typing = plan_typing(major, config.precision, source_precision)
     if gpu_probe() is None:
         # Constructing a Builder without CUDA fails opaquely or aborts the process (deployment notes §1.7).

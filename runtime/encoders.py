@@ -34,6 +34,8 @@ from galr.runtime.backends.registry import (
 )
 
 DEFAULT_IMAGE_BATCH = 32
+_EMPTY_QUERY = "is empty or whitespace only; give at least one word"
+_NO_WORDS = "has no words after removing punctuation"
 DEFAULT_TEXT_BATCH = 128
 
 
@@ -135,9 +137,9 @@ class Encoders:
     def query_problem(self, query: object) -> str | None:
         """Why ``query`` cannot be encoded (empty, or no words once punctuation is removed), or ``None``."""
         if not isinstance(query, str) or not query.strip():
-            return "is empty or whitespace only; give at least one word"
+            return _EMPTY_QUERY
         if not self.tokenizer.encode(query):
-            return "has no words after removing punctuation"
+            return _NO_WORDS
         return None
 
     def encode_text(self, captions: str | Sequence[str], labels: Sequence[str] | None = None) -> np.ndarray:
@@ -156,10 +158,14 @@ class Encoders:
         captions = [captions] if isinstance(captions, str) else list(captions)
         labels = list(labels) if labels is not None else [f"query #{i}" for i in range(len(captions))]
         for label, caption in zip(labels, captions):
-            problem = self.query_problem(caption)
-            if problem is not None:
-                raise QueryError(f"{label} {problem}")
+            if not isinstance(caption, str) or not caption.strip():
+                raise QueryError(f"{label} {_EMPTY_QUERY}")
+        # Tokenised once (NLTK is most of a query's CPU time outside the graphs): a row without ids is
+        # the query_problem() "no words" case.
         batch = self.tokenizer.encode_batch(captions, warn=False)
+        for label, length in zip(labels, batch.lengths.tolist()):
+            if length == 0:
+                raise QueryError(f"{label} {_NO_WORDS}")
         unk, tokenizer = self.vocab.unk_id, self.tokenizer
         for index, row in enumerate(batch.tokens):
             label, shown = labels[index], printable(captions[index][:60])
@@ -226,30 +232,58 @@ class Encoders:
         return self.encode_image_arrays(pixels, rep, adj)
 
 
-def _resolve_precision(requested: str, device: str, bundle: Bundle) -> str:
-    precision = requested
+CPU_INT8 = "int8-cpu"
+
+
+def _resolve_precision(requested: str, choice: BackendChoice, bundle: Bundle, cpu_int8: bool = True) -> tuple[str, str]:
+    """The precision to serve, and why when it is not simply the one asked for.
+
+    On ONNX Runtime's CPU provider a bundle's ``int8-cpu`` set (INT8 laid out for the CPU's integer
+    kernels; see ``calibration/int8/cpu.py``) replaces ``int8`` and is the ``auto`` choice: the
+    export made it only on request and gated it against FP32. Every other backend and device keeps
+    the previous rules (``auto``: fp16 on a GPU when the bundle has it, else fp32), and a bundle
+    without ``int8-cpu`` behaves as before. ``cpu_int8=False`` turns the substitution off (callers
+    that must score exactly the set they name: the export's gates, the benchmarks).
+    """
+    on_cpu_ort = choice.backend == "onnxruntime" and choice.device == "cpu"
+    has_cpu_int8 = cpu_int8 and CPU_INT8 in bundle.precisions
+    precision, why = requested, ""
     if requested == AUTO:
-        precision = "fp16" if device == "cuda" and "fp16" in bundle.precisions else "fp32"
+        if on_cpu_ort and has_cpu_int8:
+            precision, why = CPU_INT8, "auto: the bundle's INT8 set for ONNX Runtime's CPU kernels"
+        else:
+            precision = "fp16" if choice.device == "cuda" and "fp16" in bundle.precisions else "fp32"
+    elif requested == "int8" and on_cpu_ort and has_cpu_int8:
+        precision, why = CPU_INT8, "int8 on the CPU: the bundle's int8-cpu set (the int8 Q/DQ set is TensorRT's)"
+    if precision == CPU_INT8 and not on_cpu_ort:
+        raise InputError(f"{bundle.path}: int8-cpu graphs run only on ONNX Runtime's CPU provider, not on "
+                         f"{choice.backend} on {choice.device}; ask for --precision int8 (the Q/DQ set) there")
     if precision not in bundle.precisions:
+        flag = "--int8-cpu" if precision == CPU_INT8 else f"--{precision}"
         raise BundleError(f"{bundle.path} has no {precision} graphs (it has {bundle.precisions}); "
-                          f"re-export with `galr-export --{precision}`")
-    return precision
+                          f"re-export with `galr-export {flag}`")
+    return precision, why
 
 
 def load_engine(bundle: str | os.PathLike | Bundle = "galr.plan", backend: str = AUTO, device: str = AUTO,
                 precision: str = AUTO, options: Iterable[BackendOptions] = (),
-                environment: Environment | None = None) -> Encoders:
+                environment: Environment | None = None, cpu_int8: bool = True) -> Encoders:
     """Open a bundle and start its encoders on the best (or the requested) backend.
 
     Args:
         bundle: the ``galr.plan`` file, or an opened (or in-memory) :class:`~galr.bundle.Bundle`.
         backend: ``"auto"`` or a registered backend (``"tensorrt"``, ``"onnxruntime"``).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        precision: ``"auto"`` (fp16 on a GPU when the bundle has it, else fp32), ``"fp32"``,
-            ``"fp16"`` or ``"int8"``.
+        precision: ``"auto"`` (on ONNX Runtime's CPU provider the bundle's ``int8-cpu`` set when it
+            has one; fp16 on a GPU when the bundle has it; else fp32), ``"fp32"``, ``"fp16"``,
+            ``"int8"`` (on ONNX Runtime's CPU provider: ``int8-cpu`` when the bundle has it, else the
+            Q/DQ set) or ``"int8-cpu"`` (ONNX Runtime on the CPU only). ``info`` says what was chosen
+            and why.
         options: typed options per backend (e.g. ``OnnxRuntimeOptions(intra_op_threads=2)``); the
             chosen backend takes the ones for it.
         environment: what the machine offers (probed when ``None``; tests pass their own).
+        cpu_int8: let ``auto`` and ``int8`` become ``int8-cpu`` on ONNX Runtime's CPU provider (see
+            ``precision``); ``False`` serves exactly the precision named.
 
     Returns:
         The running :class:`Encoders`; close them (or use ``with``) to free the runners.
@@ -264,8 +298,9 @@ def load_engine(bundle: str | os.PathLike | Bundle = "galr.plan", backend: str =
     bundle.verify_model_hash()  # a graph swapped under the manifest would be served with foreign indexes
     environment = environment or Environment()
     choice = resolve_backend(backend, device, bundle=str(bundle.path), environment=environment)
-    choice = BackendChoice(choice.backend, choice.device, _resolve_precision(precision, choice.device, bundle),
-                           choice.reason, choice.bundle)
+    precision, why = _resolve_precision(precision, choice, bundle, cpu_int8)
+    choice = BackendChoice(choice.backend, choice.device, precision,
+                           f"{choice.reason}; {why}" if why else choice.reason, choice.bundle)
     stack = ExitStack()  # owned by the encoders once they exist; closed here if anything fails first
     try:
         runners = make_runners(choice, bundle, stack, environment, options)
@@ -277,5 +312,5 @@ def load_engine(bundle: str | os.PathLike | Bundle = "galr.plan", backend: str =
     return encoders
 
 
-__all__ = ["DEFAULT_IMAGE_BATCH", "DEFAULT_TEXT_BATCH", "Encoders", "QueryError", "QueryWarning",
+__all__ = ["CPU_INT8", "DEFAULT_IMAGE_BATCH", "DEFAULT_TEXT_BATCH", "Encoders", "QueryError", "QueryWarning",
            "ShortenedQueryWarning", "UnknownWordsWarning", "load_engine"]

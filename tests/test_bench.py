@@ -125,7 +125,10 @@ def test_gallery_and_limits_sections(quick_run):
     assert [r["status"] for r in sections["gallery"]["build"]] == ["ok", "ok"]
     limits = sections["limits"]
     assert limits["peaks"]["matmul_gflops"]["torch"]["median"] > 0
-    assert {f["backend"] for f in limits["fractions"]} == {REFERENCE, "onnxruntime-fp32"}
+    assert {f["backend"] for f in limits["fractions"]} == {REFERENCE, "onnxruntime-fp32", "onnxruntime-int8-cpu"}
+    # INT8 rows are held to the read rate of their own (smaller) working sets, measured too.
+    assert {"int8-cpu:global", "int8-cpu:text", "int8-cpu:end-to-end"} <= set(limits["peaks"]["weight_read_gbs"])
+    assert limits["encoders_int8_cpu"]["text"]["weight_bytes"] < limits["encoders"]["text"]["weight_bytes"]
     assert all(f["fraction_of_limit"] > 0 for f in limits["fractions"])
 
 
@@ -358,3 +361,48 @@ def test_the_detector_stand_in_has_the_ultralytics_layout_and_the_stated_cost(tm
     assert info.names == DOTA_NAMES and output.shape == (1, 4 + len(DOTA_NAMES) + 1, cells)
     # conv multiply-adds of the stack at 128 px, counted by hand for width 8: stem 3->4, blocks, heads
     assert 0.001 < gflops < 0.1
+
+
+def test_cpu_int8_rows_are_measured_against_onnxruntime_fp32_of_the_same_run(quick_run):
+    section = quick_run[2]["sections"]["encoders"]
+    rows = section["rows"]
+    fp32 = {(r["encoder"], r["batch"]): r for r in rows if r["backend"] == "onnxruntime-fp32"}
+    cpu = [r for r in rows if r["backend"] == "onnxruntime-int8-cpu"]
+    assert {r["encoder"] for r in cpu} == set(ENCODER_NAMES)
+    for row in cpu:
+        reference = fp32[(row["encoder"], row["batch"])]
+        if row["kind"] == "latency":
+            expected = reference["latency_ms"]["p50"]["median"] / row["latency_ms"]["p50"]["median"]
+        else:
+            expected = row["items_per_s"]["median"] / reference["items_per_s"]["median"]
+        assert row["speedup_vs_onnxruntime_fp32"] == pytest.approx(expected)
+
+
+def test_query_profile_and_startup_are_reported(quick_run):
+    section = quick_run[2]["sections"]["encoders"]
+    profiles = {p["backend"]: p for p in section["query_profile"]}
+    assert "onnxruntime-int8-cpu" in profiles and "onnxruntime-fp32" in profiles
+    for profile in profiles.values():
+        stages = profile["ms"]
+        assert all(stages[s] > 0 for s in ("tokenise", "text encoder", "search", "total")) and stages["other"] >= 0
+        assert profile["calls"] >= 10
+    startup = {entry["precision"]: entry for entry in section["startup"]}
+    assert set(startup) == {"auto", "fp32"} and all(e["status"] == "ok" for e in startup.values()), startup
+    assert "int8-cpu" in startup["auto"]["info"] and "at fp32" in startup["fp32"]["info"]
+    text = quick_run[1].read_text()
+    assert "One end-to-end query by stage" in text and "`galr-run` startup" in text
+
+
+def test_int8_cpu_costs_count_one_byte_per_int8_weight():
+    from galr.bench.limits import encoder_costs, int8_cpu_costs
+    from galr.config import GaLRConfig
+
+    config = GaLRConfig.small()
+    costs = encoder_costs(config, 16, 100)
+    int8 = int8_cpu_costs(config, costs)
+    h, e = config.gru_hidden, config.word_dim
+    assert int8["global"].weight_bytes == costs["global"].weight_bytes / 4
+    assert int8["text"].streamed_bytes == costs["text"].streamed_bytes / 4
+    assert costs["text"].weight_bytes - int8["text"].weight_bytes == 3 * (3 * h * e + 3 * h * h)
+    assert int8["local"] == costs["local"] and int8["search"] == costs["search"]
+    assert int8["end-to-end"].flops_per_item == costs["end-to-end"].flops_per_item

@@ -22,7 +22,9 @@ from galr.bundle.engines import (
     select_engine_entry,
 )
 from galr.bundle.format import (
+    CPU_ONLY_PRECISIONS,
     DETECTOR_MEMBER,
+    ENGINE_PRECISIONS,
     FORMAT_VERSION,
     MANIFEST,
     PRECISIONS,
@@ -35,6 +37,8 @@ from galr.bundle.format import (
 
 __all__ = [
     "DETECTOR_MEMBER",
+    "CPU_ONLY_PRECISIONS",
+    "ENGINE_PRECISIONS",
     "FORMAT_VERSION",
     "MANIFEST",
     "PRECISIONS",

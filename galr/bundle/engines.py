@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
-from galr.bundle.format import PRECISIONS, engine_member
+from galr.bundle.format import ENGINE_PRECISIONS, engine_member
 from galr.errors import InputError, UnavailableError
 from galr.graphs import GRAPH_NAMES
 
@@ -55,8 +55,9 @@ class EngineKey:
     graphs_sha256: str
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise InputError(f"EngineKey.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in ENGINE_PRECISIONS:
+            raise InputError(f"EngineKey.precision must be one of {list(ENGINE_PRECISIONS)}, got {self.precision!r} "
+                             "(int8-cpu is for ONNX Runtime's CPU provider; TensorRT builds from the int8 set)")
         if not self.compute_capability.startswith("sm_"):
             raise InputError(f"EngineKey.compute_capability must look like 'sm_90', got {self.compute_capability!r}")
 

@@ -4,7 +4,7 @@ Layout (a checked container, :mod:`galr.container`)::
 
     manifest.json                 format + version, model config, vocabulary, preprocessing spec,
                                   I/O per graph, member hashes, toolchain, provenance, reports, engines
-    onnx/<precision>/<graph>.onnx four graphs per precision (fp32 always; fp16 / int8 when exported)
+    onnx/<precision>/<graph>.onnx four graphs per precision (fp32 always; fp16 / int8 / int8-cpu when exported)
     engines/<key>/<graph>.plan    TensorRT engines, one set per :class:`~galr.bundle.engines.EngineKey`
 
 :func:`validate_manifest` is the schema: a manifest of the wrong shape (not an object, a member
@@ -27,7 +27,13 @@ MANIFEST = "manifest.json"
 #: The manifest's hash of its own content (:func:`galr.container.table_sha256`); bundles written
 #: before it existed are read without it.
 MANIFEST_HASH_FIELD = "manifest_sha256"
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int8-cpu")
+#: Precisions TensorRT engines are built from. ``int8-cpu`` is INT8 laid out for ONNX Runtime's CPU
+#: provider (u8/s8 integer kernels, the GRU as a loop over INT8 weights); TensorRT keeps the ``int8``
+#: Q/DQ set, made for its parser.
+ENGINE_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+#: Precisions only ONNX Runtime's CPU provider serves.
+CPU_ONLY_PRECISIONS: tuple[str, ...] = ("int8-cpu",)
 #: A manifest is metadata: vocabulary, configs, reports. Anything larger is not one of ours.
 MAX_MANIFEST_BYTES = 16 << 20
 REEXPORT_HINT = "Re-export it with `galr-export`, or copy it again."
@@ -155,6 +161,8 @@ __all__ = [
     "MAX_MANIFEST_BYTES",
     "PRECISIONS",
     "DETECTOR_MEMBER",
+    "ENGINE_PRECISIONS",
+    "CPU_ONLY_PRECISIONS",
     "BundleError",
     "engine_member",
     "model_hash",
