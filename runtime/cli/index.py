@@ -261,7 +261,8 @@ def _size_text(size: int) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per encoder call.")
 @click.option("--backend", type=click.Choice([AUTO, *backend_names()]), default=AUTO, show_default=True)
 @click.option("--device", type=click.Choice(list(REQUESTABLE_DEVICES)), default=AUTO, show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8", "int8-cpu"]), default="auto",
+              show_default=True, help="auto: int8-cpu on ONNX Runtime CPU when the bundle has it, else fp32 (fp16 on GPUs).")
 @click.option("--text-bank", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Captions (one per line, # comments) stored as the MR text bank, replacing any earlier bank.")
 @click.option("--update", is_flag=True, help="Add IMAGES to the existing index, replacing images with the same id.")

@@ -75,7 +75,8 @@ def _read_annotations(path: Path) -> list[dict[str, Any]]:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--backend", type=click.Choice([AUTO, *backend_names()]), default=AUTO, show_default=True)
 @click.option("--device", type=click.Choice(list(REQUESTABLE_DEVICES)), default=AUTO, show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8", "int8-cpu"]), default="auto",
+              show_default=True, help="auto: int8-cpu on ONNX Runtime CPU when the bundle has it, else fp32 (fp16 on GPUs).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def main(scenes, bundle, query_texts, query_file, annotations, output, scales, cell, bands, detector, no_detector,
          batch_size, backend, device, precision, progress) -> None:

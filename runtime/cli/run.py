@@ -69,7 +69,8 @@ def _report_warnings(caught: list, lines: list) -> None:
               help="image2text: do not run the detector stored in the bundle (galr-export --detector).")
 @click.option("--backend", type=click.Choice([AUTO, *backend_names()]), default=AUTO, show_default=True)
 @click.option("--device", type=click.Choice(list(REQUESTABLE_DEVICES)), default=AUTO, show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8", "int8-cpu"]), default="auto",
+              show_default=True, help="auto: int8-cpu on ONNX Runtime CPU when the bundle has it, else fp32 (fp16 on GPUs).")
 @click.option("--k", "mr_k", type=int, default=RerankConfig.k, show_default=True, help="MR candidates (at least 10).")
 @click.option("--wp1", type=float, default=RerankConfig.wp1, show_default=True, help="MR salience weight.")
 @click.option("--wp2", type=float, default=RerankConfig.wp2, show_default=True, help="MR reverse-rank weight.")

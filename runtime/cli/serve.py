@@ -54,7 +54,8 @@ def _api_key(path: Path | None) -> str | None:
               help="File whose first line is the bearer API key  [default: $GALR_API_KEY, else none]")
 @click.option("--backend", type=click.Choice([AUTO, *backend_names()]), default=AUTO, show_default=True)
 @click.option("--device", type=click.Choice(list(REQUESTABLE_DEVICES)), default=AUTO, show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8", "int8-cpu"]), default="auto",
+              show_default=True, help="auto: int8-cpu on ONNX Runtime CPU when the bundle has it, else fp32 (fp16 on GPUs).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
               help="Queries gathered into one encoder call at most.")
 @click.option("--max-wait-ms", type=click.FloatRange(0, 1000), default=20.0, show_default=True,
