@@ -8,32 +8,22 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
-from galr.config import GaLRConfig  # noqa: E402
 from galr.errors import NothingDoneError  # noqa: E402
-from galr.export.pipeline import ExportSettings, export_bundle  # noqa: E402
-from galr.model import GaLR, save_checkpoint  # noqa: E402
-from galr.preprocess.text import Vocabulary  # noqa: E402
 from galr.runtime.cli.index import main as index_main  # noqa: E402
 from galr.runtime.cli.locate import main as locate_main  # noqa: E402
 from galr.runtime.cli.run import main as run_main  # noqa: E402
 from galr.runtime.index import load_index  # noqa: E402
 from tests.geo_fixtures import gradient_scene, rasterio, write_scene  # skips without rasterio
-
-WORDS = ["plane", "ship", "runway", "harbor", "green", "white", "two", "many", "water", "grass"]
+from tests.test_runtime_cli import deployment  # noqa: E402,F401  (the shared module fixture)
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    """A small bundle (64 px model), a folder with a dated UTM scene, an undated scene with nodata, and a PNG."""
+def site(deployment, tmp_path_factory):  # noqa: F811
+    """The small bundle (64 px model), a folder with a dated UTM scene, an undated scene with nodata, and a PNG."""
     root = tmp_path_factory.mktemp("geo")
-    torch.manual_seed(0)
-    model = GaLR(GaLRConfig.small(vocab_size=len(WORDS) + 1)).eval()
-    checkpoint = save_checkpoint(root / "m.pt", model, Vocabulary.from_words(WORDS))
-    bundle = root / "galr.plan"
-    export_bundle(ExportSettings(checkpoint=checkpoint, output=bundle, tensorrt="no"), log=lambda _: None)
+    bundle = deployment["bundle"]
     scenes = root / "scenes"
     scenes.mkdir()
     dated = write_scene(scenes / "dated.tif", gradient_scene(320, 256, 4, "uint16", seed=1))

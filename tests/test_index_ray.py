@@ -3,7 +3,6 @@ that loses a worker mid-job, then a resumed run that encodes only what is missin
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from galr.runtime.index.distributed import (
     shard_key,
     write_shard,
 )
+from tests.ray_cluster import two_node_cluster
 from tests.test_runtime_cli import deployment  # noqa: F401  (the shared module fixture)
 
 
@@ -72,11 +72,8 @@ def _images(folder: Path, count: int) -> list[Path]:
 
 @pytest.mark.slow
 def test_two_nodes_lose_a_worker_and_a_resumed_job_encodes_only_the_missing_shards(deployment, tmp_path):  # noqa: F811
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback-only cluster (docs/research/ray.md)
-    ray = pytest.importorskip("ray", reason="Ray Data is not installed (pip install 'galr[ray]')")
-    pytest.importorskip("ray.data")
+    pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'galr[ray]')")
     psutil = pytest.importorskip("psutil")
-    from ray.cluster_utils import Cluster
 
     from galr.runtime.index.distributed import build_index_on_ray, shard_path
 
@@ -102,12 +99,7 @@ def test_two_nodes_lose_a_worker_and_a_resumed_job_encodes_only_the_missing_shar
                         break
             time.sleep(0.05)
 
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
-    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-    try:
-        ray.init(address=cluster.address, log_to_driver=False)
-        cluster.wait_for_nodes()
+    with two_node_cluster():
         killer = threading.Thread(target=kill_a_worker_once_a_shard_is_written)
         killer.start()
         index, skipped = build_index_on_ray(deployment["bundle"], images, output, settings, **common)
@@ -124,9 +116,6 @@ def test_two_nodes_lose_a_worker_and_a_resumed_job_encodes_only_the_missing_shar
         for n in (0, 2, 3, 5):
             assert shard_path(folder, n).stat().st_mtime_ns == kept[n]  # not encoded twice
         assert all(shard_path(folder, n).exists() for n in (1, 4))
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.mark.slow

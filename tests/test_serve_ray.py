@@ -16,6 +16,7 @@ import pytest
 from galr.errors import InputError, UnavailableError
 from galr.runtime.ray_cluster import check_address
 from galr.runtime.serve.ray import RaySettings
+from tests.ray_cluster import two_node_cluster
 from tests.test_runtime_cli import deployment  # noqa: F401  (the shared module fixture)
 
 
@@ -54,10 +55,8 @@ def _post(port: int, body: dict, timeout: float = 30) -> tuple[int, dict]:
 
 @pytest.mark.slow
 def test_two_nodes_two_replicas_answer_through_the_proxy_and_survive_a_killed_replica(deployment, tmp_path):  # noqa: F811
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback-only cluster (docs/research/ray.md)
-    ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'galr[ray]')")
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'galr[ray]')")
     from ray import serve
-    from ray.cluster_utils import Cluster
 
     from galr.runtime.index import load_index
     from galr.runtime.retriever import Retriever
@@ -65,12 +64,7 @@ def test_two_nodes_two_replicas_answer_through_the_proxy_and_survive_a_killed_re
     from galr.runtime.serve.ray import galr_application
 
     port = _free_port()
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
-    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-    try:
-        ray.init(address=cluster.address, log_to_driver=False)
-        cluster.wait_for_nodes()
+    with two_node_cluster() as ray:
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         settings = ServeSettings(bundle=deployment["bundle"], index=deployment["index"], backend="onnxruntime",
@@ -102,10 +96,7 @@ def test_two_nodes_two_replicas_answer_through_the_proxy_and_survive_a_killed_re
             raise AssertionError(f"the killed replica was not replaced: {alive}")
         assert _post(port, {"queries": queries, "top_k": 4})[0] == 200
         assert _post(port, {"queries": [], "top_k": 4})[0] == 400  # the app's own errors, through the proxy
-    finally:
         serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.mark.slow

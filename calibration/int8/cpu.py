@@ -31,7 +31,7 @@ import onnx
 
 from galr import graphs
 from galr.calibration.int8.cpu_text import CpuTextSettings, build_cpu_text_graph
-from galr.calibration.int8.quantise import _calibration_inputs
+from galr.calibration.int8.quantise import calibration_inputs
 from galr.calibration.int8.ranges import quiet_onnxruntime_quantization
 from galr.calibration.int8.rules import output_normalisation_nodes
 from galr.calibration.int8.settings import METHODS, CalibrationError, CalibrationSettings
@@ -179,12 +179,7 @@ def build_cpu_int8_graphs(graph_bytes_fp32: Mapping[str, bytes], vocab: Vocabula
     """
     import onnxruntime
 
-    missing = sorted(set(graphs.GRAPH_NAMES) - set(graph_bytes_fp32))
-    if missing:
-        raise CalibrationError(f"graph_bytes_fp32 lacks the graphs {missing}; pass all of {list(graphs.GRAPH_NAMES)}")
-    chosen, source = _calibration_inputs(calibration, spec, inputs, log)
-    if not len(chosen.image_names):
-        raise CalibrationError(f"no calibration images in {source}: the calibration set is empty")
+    chosen, source = calibration_inputs(calibration, spec, inputs, log, graph_bytes_fp32)
     names = (*settings.image_graphs, *((graphs.TEXT,) if settings.text is not None else ()))
     readers = graph_readers(chosen, graph_bytes_fp32, calibration.batch_size, spec.tokenizer(vocab), names)
     log(f"int8-cpu: {len(chosen.image_names)} calibration images from {source} ({settings.method} ranges)")

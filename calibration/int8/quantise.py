@@ -154,8 +154,29 @@ def quantize_graph(graph: bytes, reader: FeedReader, settings: CalibrationSettin
         f"{len(excluded)} nodes kept FP32, ranges {'from cache' if cache_hit else 'collected'} ({seconds:.1f} s)")
     return QuantizedGraph(quantized.SerializeToString(), summary, excluded, cache_hit, seconds)
 
-def _calibration_inputs(settings: CalibrationSettings, spec: PreprocessSpec, inputs: SplitInputs | None,
-                        log: Callable[[str], None]) -> tuple[SplitInputs, str]:
+
+def calibration_inputs(settings: CalibrationSettings, spec: PreprocessSpec, inputs: SplitInputs | None,
+                       log: Callable[[str], None], graph_bytes_fp32: Mapping[str, bytes] | None = None
+                       ) -> tuple[SplitInputs, str]:
+    """The calibration inputs (given in memory, else read from ``settings.dataset``) and where they came
+    from; refuses an empty set and, when given, FP32 graphs that are not all four.
+
+    Raises:
+        CalibrationError: missing graphs or data, or an empty calibration set.
+    """
+    if graph_bytes_fp32 is not None:
+        missing = sorted(set(graphs.GRAPH_NAMES) - set(graph_bytes_fp32))
+        if missing:
+            raise CalibrationError(f"graph_bytes_fp32 lacks the graphs {missing}; pass all of "
+                                   f"{list(graphs.GRAPH_NAMES)}")
+    chosen, source = _read_calibration_inputs(settings, spec, inputs, log)
+    if not len(chosen.image_names):
+        raise CalibrationError(f"no calibration images in {source}: the calibration set is empty")
+    return chosen, source
+
+
+def _read_calibration_inputs(settings: CalibrationSettings, spec: PreprocessSpec, inputs: SplitInputs | None,
+                             log: Callable[[str], None]) -> tuple[SplitInputs, str]:
     if inputs is not None:
         return select_calibration_inputs(inputs, settings.max_images, settings.seed), "inputs given in memory"
     if settings.dataset is None:
@@ -193,12 +214,7 @@ def quantize_bundle_graphs(graph_bytes_fp32: Mapping[str, bytes], vocab: Vocabul
     """
     import onnxruntime
 
-    missing = sorted(set(graphs.GRAPH_NAMES) - set(graph_bytes_fp32))
-    if missing:
-        raise CalibrationError(f"graph_bytes_fp32 lacks the graphs {missing}; pass all of {list(graphs.GRAPH_NAMES)}")
-    chosen, source = _calibration_inputs(settings, spec, inputs, log)
-    if not len(chosen.image_names):
-        raise CalibrationError(f"no calibration images in {source}: the calibration set is empty")
+    chosen, source = calibration_inputs(settings, spec, inputs, log, graph_bytes_fp32)
     set_hash = calibration_set_hash(chosen, settings.method_tag)
     names = QUANTIZABLE_GRAPHS + ((graphs.TEXT,) if settings.quantize_text else ())
     tokenizer = spec.tokenizer(vocab) if settings.quantize_text else None
