@@ -72,6 +72,9 @@ class SceneReadSettings:
         overview_side: longest side of the decimated read the statistics and overview come from.
         min_valid_fraction: windows with fewer valid (not nodata) pixels are skipped by the tiler.
         max_pixels: refuse scenes whose header declares more pixels than this.
+        gdal_cache_mb: GDAL's block cache while a scene is open. Windows are read once, in order, so
+            a small cache suffices; GDAL's default (5 % of RAM) keeps every block read, and memory
+            then grows with the scene (a 16k x 16k scene: +770 MiB).
     """
 
     bands: tuple[int, ...] | None = None
@@ -79,6 +82,7 @@ class SceneReadSettings:
     overview_side: int = 1024
     min_valid_fraction: float = 0.5
     max_pixels: int = DEFAULT_MAX_SCENE_PIXELS
+    gdal_cache_mb: int = 64
 
     def __post_init__(self) -> None:
         if self.bands is not None:
@@ -95,8 +99,9 @@ class SceneReadSettings:
             raise InputError(f"overview_side must be at least 64 pixels, got {self.overview_side}")
         if not 0.0 <= self.min_valid_fraction <= 1.0:
             raise InputError(f"min_valid_fraction must be in [0, 1], got {self.min_valid_fraction}")
-        if self.max_pixels < 1:
-            raise InputError(f"max_pixels must be positive, got {self.max_pixels}")
+        if self.max_pixels < 1 or self.gdal_cache_mb < 1:
+            raise InputError(f"max_pixels and gdal_cache_mb must be positive, got {self.max_pixels} and "
+                             f"{self.gdal_cache_mb}")
 
 
 def parse_bands(text: str | None) -> tuple[int, ...] | None:
@@ -166,8 +171,9 @@ class Scene:
         stretch_range: per shown band, the ``(low, high)`` values mapped to 0 and 255 (``None`` = 8-bit pass-through).
     """
 
-    def __init__(self, dataset: Any, path: Path, settings: SceneReadSettings) -> None:
+    def __init__(self, dataset: Any, path: Path, settings: SceneReadSettings, env: Any = None) -> None:
         self._dataset = dataset
+        self._env = env  # the rasterio.Env (GDAL's cache size) that lives as long as the scene is open
         self.path = path
         self.settings = settings
         self.width, self.height, self.count = int(dataset.width), int(dataset.height), int(dataset.count)
@@ -203,24 +209,34 @@ class Scene:
         path = Path(path)
         if not path.is_file():
             raise NotFoundError(f"{path}: scene not found")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # NotGeoreferencedWarning: said once, in our words, below
-            try:
-                dataset = rasterio.open(path)
-            except Exception as exc:  # rasterio's RasterioIOError and GDAL's errors
-                raise SceneError(f"{path}: cannot be read as a raster scene ({_short(exc)}); "
-                                 "give a GeoTIFF, COG or another GDAL raster") from None
+        env = rasterio.Env(GDAL_CACHEMAX=settings.gdal_cache_mb)
+        env.__enter__()
         try:
-            if dataset.width * dataset.height > settings.max_pixels:
-                raise InputError(f"{path}: declares {dataset.width} x {dataset.height} pixels, more than the limit of "
-                                 f"{settings.max_pixels} (SceneReadSettings.max_pixels); split the scene or raise it")
-            return cls(dataset, path, settings)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # NotGeoreferencedWarning: said once, in our words, below
+                try:
+                    dataset = rasterio.open(path)
+                except Exception as exc:  # rasterio's RasterioIOError and GDAL's errors
+                    raise SceneError(f"{path}: cannot be read as a raster scene ({_short(exc)}); "
+                                     "give a GeoTIFF, COG or another GDAL raster") from None
+            try:
+                if dataset.width * dataset.height > settings.max_pixels:
+                    raise InputError(f"{path}: declares {dataset.width} x {dataset.height} pixels, more than the "
+                                     f"limit of {settings.max_pixels} (SceneReadSettings.max_pixels); split the "
+                                     "scene or raise it")
+                return cls(dataset, path, settings, env)
+            except BaseException:
+                dataset.close()
+                raise
         except BaseException:
-            dataset.close()
+            env.__exit__(None, None, None)
             raise
 
     def close(self) -> None:
         self._dataset.close()
+        if self._env is not None:
+            self._env.__exit__(None, None, None)
+            self._env = None
 
     def __enter__(self) -> "Scene":
         return self
