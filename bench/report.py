@@ -533,9 +533,11 @@ def _geo(section: Mapping[str, Any]) -> str:
     peaks = [row["index_peak_bytes"] for row in section["memory"] if row["index_peak_bytes"]]
     spread = f" (largest / smallest index peak: x{max(peaks) / min(peaks):.2f})" if len(peaks) > 1 else ""
     scales = ", ".join(map(str, settings["memory_locate_scales"]))
+    separate = section.get("separate_run")
     return "\n\n".join([
         "Synthetic UTM scenes (`galr-synth --geo-scenes`), the benchmark's random-weight model on ONNX Runtime "
-        "FP32 (CPU).",
+        "FP32 (CPU)." + (f" Measured in a run of its own, `{separate['command']}`, started {separate['started']}."
+                         if separate else ""),
         f"**Indexing throughput** ({throughput['tiles']} tiles of {settings['tile']} px from a "
         f"{settings['throughput_side']:,} px scene, batch {settings['batch']}, best of two): scene indexing "
         f"{_number(throughput['indexing_tiles_per_s'])} tiles/s, the encoder alone on the same tiles already in "

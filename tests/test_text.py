@@ -80,3 +80,14 @@ def test_vocabulary_round_trip_and_errors(tmp_path):
         Vocabulary({"a": 1})
     with pytest.raises(VocabularyError, match="id 0"):
         Vocabulary({"a": 0, "<unk>": 1})
+
+
+def test_the_tokenizer_does_not_pull_scipy_stats_in_but_leaves_it_importable():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom galr.preprocess.text import tokenize\nprint(tokenize('Two planes.'))\n"
+            "print('scipy.stats' in sys.modules)\n"
+            "try:\n    import scipy.stats\n    print('importable')\nexcept ImportError:\n    print('no scipy')\n")
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert lines[:3] == ["['two',", "'planes']", "False"] and lines[3] in ("importable", "no")
