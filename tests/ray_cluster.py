@@ -8,11 +8,13 @@ from typing import Iterator
 
 import pytest
 
+# Before anything imports ray (importing this module is enough): a loopback-only cluster needs it.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 
 @contextlib.contextmanager
 def two_node_cluster() -> Iterator[object]:
     """Start a head and a worker node (1 CPU each) on 127.0.0.1, connect to it, and tear it all down after."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback-only cluster
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'galr[ray]')")
     from ray.cluster_utils import Cluster
 
