@@ -171,7 +171,8 @@ class Scene:
         stretch_range: per shown band, the ``(low, high)`` values mapped to 0 and 255 (``None`` = 8-bit pass-through).
     """
 
-    def __init__(self, dataset: Any, path: Path, settings: SceneReadSettings, env: Any = None) -> None:
+    def __init__(self, dataset: Any, path: Path, settings: SceneReadSettings, env: Any = None,
+                 stretch_range: Sequence[Sequence[float]] | None = None) -> None:
         self._dataset = dataset
         self._env = env  # the rasterio.Env (GDAL's cache size) that lives as long as the scene is open
         self.path = path
@@ -190,13 +191,18 @@ class Scene:
         self.crs, self._to_wgs84 = self._usable_crs()
         self.datetime = _acquired(dataset.tags())
         self.gsd = self._gsd()
-        self.stretch_range = self._stretch_range()
+        self.stretch_range = ([(float(lo), float(hi)) for lo, hi in stretch_range] if stretch_range is not None
+                              else self._stretch_range())
 
     # -- opening -------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike, settings: SceneReadSettings | None = None) -> "Scene":
+    def open(cls, path: str | os.PathLike, settings: SceneReadSettings | None = None, *,
+             stretch_range: Sequence[Sequence[float]] | None = None) -> "Scene":
         """Open ``path`` (header and statistics only; no full read).
+
+        ``stretch_range`` reuses the per-band range an earlier opening computed (a tile record keeps
+        it), so reading one window does not read the overview again.
 
         Raises:
             NotFoundError: no such file.
@@ -224,7 +230,7 @@ class Scene:
                     raise InputError(f"{path}: declares {dataset.width} x {dataset.height} pixels, more than the "
                                      f"limit of {settings.max_pixels} (SceneReadSettings.max_pixels); split the "
                                      "scene or raise it")
-                return cls(dataset, path, settings, env)
+                return cls(dataset, path, settings, env, stretch_range)
             except BaseException:
                 dataset.close()
                 raise

@@ -112,6 +112,8 @@ def scene_metadata(scene: Scene) -> dict[str, Any]:
                 "scene_size": [scene.width, scene.height], "bands": list(scene.bands)}
     if scene.datetime:
         metadata["datetime"] = scene.datetime
+    if scene.stretch_range is not None:  # so a tile's pixels are read again without the overview
+        metadata["stretch"] = [[lo, hi] for lo, hi in scene.stretch_range]
     return metadata
 
 

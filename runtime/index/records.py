@@ -133,6 +133,25 @@ def _footprint(points: Any, record_id: str) -> tuple[tuple[float, float], ...]:
     return tuple((_coordinate(lon, 180.0, f"{where} lon"), _coordinate(lat, 90.0, f"{where} lat")) for lon, lat in pairs)
 
 
+def record_place(record: ImageRecord) -> tuple[tuple[float, float, float, float] | None, np.datetime64 | None]:
+    """What place and date filters see of a record: ``(west, south, east, north)`` of its footprint (its
+    centre when it has none; ``None`` when neither is known), and its ``extra["datetime"]`` (``None``
+    when missing or unreadable: such a record never passes a date filter)."""
+    from galr.geo.filters import parse_date
+
+    box = None
+    if record.footprint:
+        lons, lats = zip(*record.footprint)
+        box = (min(lons), min(lats), max(lons), max(lats))
+    elif record.lat is not None and record.lon is not None:
+        box = (record.lon, record.lat, record.lon, record.lat)
+    stamp = record.extra.get("datetime") if record.extra else None
+    try:
+        return box, parse_date(stamp) if stamp else None
+    except InputError:
+        return box, None
+
+
 class RecordStore:
     """Records by key and by id, in gallery order (in memory).
 
@@ -208,24 +227,16 @@ class RecordStore:
         (NaT when unknown).
         """
         if self._places is None:
-            from galr.geo.filters import parse_date
-
             count = len(self._by_key)
             keys = np.fromiter(self._by_key, dtype=np.int64, count=count)
             bounds = np.full((count, 4), np.nan)
             times = np.full(count, np.datetime64("NaT"), dtype="datetime64[s]")
             for row, record in enumerate(self._by_key.values()):
-                if record.footprint:
-                    lons, lats = zip(*record.footprint)
-                    bounds[row] = (min(lons), min(lats), max(lons), max(lats))
-                elif record.lat is not None and record.lon is not None:
-                    bounds[row] = (record.lon, record.lat, record.lon, record.lat)
-                stamp = record.extra.get("datetime") if record.extra else None
-                if stamp:
-                    try:
-                        times[row] = parse_date(stamp)
-                    except InputError:
-                        pass  # an unreadable date is an unknown date: the record never passes a date filter
+                box, stamp = record_place(record)
+                if box is not None:
+                    bounds[row] = box
+                if stamp is not None:
+                    times[row] = stamp
             self._places = (keys, bounds, times)
         return self._places
 
@@ -248,4 +259,4 @@ class RecordStore:
         return store
 
 
-__all__ = ["ImageRecord", "RecordStore", "UnknownIdError"]
+__all__ = ["ImageRecord", "RecordStore", "UnknownIdError", "record_place"]

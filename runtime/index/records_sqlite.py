@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from galr.errors import InputError
-from galr.runtime.index.records import ImageRecord, UnknownIdError
+from galr.runtime.index.records import ImageRecord, UnknownIdError, record_place
 
 SCHEMA_VERSION = 1
 _COLUMNS = "key, position, id, path_id, width, height, lat, lon, west, south, east, north, time, footprint, extra"
@@ -52,23 +52,9 @@ _BATCH = 10_000
 
 
 def _place_columns(record: ImageRecord) -> tuple[Any, ...]:
-    from galr.geo.filters import parse_date
-
-    if record.footprint:
-        lons, lats = zip(*record.footprint)
-        bounds: tuple[Any, ...] = (min(lons), min(lats), max(lons), max(lats))
-    elif record.lat is not None and record.lon is not None:
-        bounds = (record.lon, record.lat, record.lon, record.lat)
-    else:
-        bounds = (None, None, None, None)
-    stamp = record.extra.get("datetime") if record.extra else None
-    seconds = None
-    if stamp:
-        try:
-            seconds = int(parse_date(stamp).astype("datetime64[s]").astype(np.int64))
-        except InputError:
-            seconds = None
-    return (*bounds, seconds)
+    box, stamp = record_place(record)
+    seconds = None if stamp is None else int(stamp.astype("datetime64[s]").astype(np.int64))
+    return (*(box or (None, None, None, None)), seconds)
 
 
 def _row(key: int, position: int, record: ImageRecord, path_id: int) -> tuple[Any, ...]:

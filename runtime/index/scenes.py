@@ -228,13 +228,20 @@ def read_record_pixels(record: Any, read: SceneReadSettings | None = None) -> np
     scene cannot be read any more.
     """
     extra = record.get("extra") if isinstance(record, dict) else record.extra
-    path = record.get("path") if isinstance(record, dict) else record.path
     if not extra or "window" not in extra:
         return None
     window = PixelWindow.from_list(extra["window"])
-    bands = tuple(extra["bands"]) if extra.get("bands") else None
-    with Scene.open(path, SceneReadSettings(bands=bands) if read is None else read) as scene:
+    with open_record_scene(record, read) as scene:
         return scene.read_window(window, pad_to=int(extra.get("tile", 0)) or None)[0]
 
 
-__all__ = ["SceneReport", "SceneTiling", "encode_scene_files", "prefetched", "read_record_pixels"]
+def open_record_scene(record: Any, read: SceneReadSettings | None = None) -> Scene:
+    """The scene of a tile record, opened with the bands and stretch it was indexed with (no overview read)."""
+    extra = (record.get("extra") if isinstance(record, dict) else record.extra) or {}
+    path = record.get("path") if isinstance(record, dict) else record.path
+    bands = tuple(extra["bands"]) if extra.get("bands") else None
+    return Scene.open(path, SceneReadSettings(bands=bands) if read is None else read,
+                      stretch_range=extra.get("stretch"))
+
+
+__all__ = ["SceneReport", "SceneTiling", "encode_scene_files", "open_record_scene", "prefetched", "read_record_pixels"]

@@ -81,21 +81,22 @@ def _scene_overviews(results: Sequence, side: int = 640) -> str:
             record = hit.record or {}
             extra = record.get("extra") or {}
             if extra.get("window") and record.get("path"):
-                windows.setdefault(record["path"], []).append((hit.rank, extra["window"], extra.get("scene", "")))
+                windows.setdefault(record["path"], []).append((hit.rank, extra["window"], extra.get("scene", ""),
+                                                               record))
     if not windows:
         return ""
-    from galr.geo import Scene
+    from galr.runtime.index.scenes import open_record_scene
 
     figures = []
     for path, boxes in windows.items():
         try:
-            with Scene.open(path) as scene:
+            with open_record_scene(boxes[0][3]) as scene:  # the bands and stretch the tiles were indexed with
                 picture = Image.fromarray(scene.overview(side))
                 factor = picture.width / scene.width
         except (GalrError, OSError):
             continue
         draw = ImageDraw.Draw(picture)
-        for rank, (col, row, width, height), _ in sorted(boxes, reverse=True):
+        for rank, (col, row, width, height), _, _ in sorted(boxes, key=lambda box: box[0], reverse=True):
             box = [col * factor, row * factor, (col + width) * factor, (row + height) * factor]
             colour = (255, 64, 32) if rank == 1 else (255, 200, 0)
             draw.rectangle(box, outline=colour, width=2)
