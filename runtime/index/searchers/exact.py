@@ -5,6 +5,14 @@ is never converted as a whole), and the top ``k`` of each block are merged into 
 Ties are broken by gallery order (the earlier row first), so results never depend on the block size
 or the device. With ``device="cuda"`` (or ``"auto"`` on a machine with CuPy and a GPU) the products
 and the per-block selection run on the GPU; only the ``[q, k]`` block winners come back to the host.
+
+float16 rows on the CPU: numpy has no fast float16 path (converting a block costs more than scoring
+it), so where FAISS is installed the rows live in a FAISS fp16 scalar-quantiser index, whose SIMD
+loop converts and scores in one pass: at 10^6 x 512 that is as fast as the float32 scan (see
+BENCHMARKS.md section 2). The search asks FAISS for a few more rows than ``k`` and orders them by
+(score, gallery order) itself; a query whose ties reach past that short list is answered by the
+block scan, so the tie rule above holds on both paths. FAISS cannot scan a memory map, so an fp16
+index opened with ``mapped=True`` is copied into memory by its first CPU search.
 """
 
 from __future__ import annotations
@@ -26,6 +34,39 @@ SEARCH_DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
 
 KEYS_MEMBER, VECTORS_MEMBER = "keys.npy", "vectors.npy"
+
+#: Extra rows asked of FAISS beyond ``k`` (fp16 path), so ties at the k-th score can be ordered here.
+TIE_MARGIN = 16
+
+
+def _faiss_or_none() -> ModuleType | None:
+    """FAISS if installed: it is optional (``galr[faiss]``), only a faster fp16 scan here."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+class _KeepAlive:
+    """Hands numpy a raw buffer and keeps its owner (a FAISS index) alive while any view of it exists."""
+
+    def __init__(self, raw: np.ndarray, owner: Any) -> None:
+        self.__array_interface__ = raw.__array_interface__
+        self.owner = owner
+
+
+def _faiss_fp16_rows(faiss: ModuleType, capacity: int, dim: int) -> tuple[Any, np.ndarray]:
+    """A FAISS fp16 flat index with room for ``capacity`` rows, and a float16 ``[capacity, dim]`` view of them.
+
+    The index is never resized after this (a resize would move the rows under the view); growing
+    makes a new one. numpy holds the index through the view's base, so old views stay valid.
+    """
+    index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    index.codes.resize(capacity * dim * 2)
+    raw = faiss.rev_swig_ptr(index.codes.data(), capacity * dim * 2) if capacity else np.zeros(0, np.uint8)
+    view = np.asarray(_KeepAlive(raw, index)).view(np.float16).reshape(capacity, dim)
+    return index, view
 
 
 def array_module(device: str) -> ModuleType:
@@ -109,6 +150,9 @@ class ExactSearcher:
         self._row_of: dict[int, int] = {}
         self._version = 0  # bumped on every edit; keys the device copy
         self._device_copy: tuple[int, Any] | None = None
+        # fp16 with FAISS: the FAISS index whose codes are ``_vectors`` (None until rows move in).
+        self._faiss = _faiss_or_none() if self._dtype == np.float16 else None
+        self._scan_index: Any = None
 
     def __len__(self) -> int:
         return self._size
@@ -143,8 +187,14 @@ class ExactSearcher:
     def _reserve(self, rows: int) -> None:
         if rows <= len(self._vectors):
             return
-        capacity = max(rows, len(self._vectors) * 3 // 2 + 16)
-        vectors = np.zeros((capacity, self.dim), dtype=self._dtype)
+        self._move_rows(max(rows, len(self._vectors) * 3 // 2 + 16))
+
+    def _move_rows(self, capacity: int) -> None:
+        """New buffers of ``capacity`` rows holding the current ones (in FAISS's memory for fp16 with FAISS)."""
+        if self._faiss is not None:
+            self._scan_index, vectors = _faiss_fp16_rows(self._faiss, capacity, self.dim)
+        else:
+            vectors = np.zeros((capacity, self.dim), dtype=self._dtype)
         vectors[: self._size] = self._vectors[: self._size]
         keys = np.zeros(capacity, dtype=np.int64)
         keys[: self._size] = self._keys[: self._size]
@@ -167,7 +217,7 @@ class ExactSearcher:
     def _own_rows(self) -> None:
         """Copy memory-mapped rows (a file opened with ``mapped=True``) before editing them."""
         if not self._vectors.flags.writeable:
-            self._vectors, self._keys = np.array(self._vectors), np.array(self._keys)
+            self._move_rows(self._size)
 
     def replace(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         self._own_rows()
@@ -220,10 +270,23 @@ class ExactSearcher:
         """
         usable = None if allowed is None else np.isin(self._keys[: self._size], np.asarray(allowed, np.int64))
         k = min(int(k), self._size if usable is None else int(usable.sum()))
+        if k == 0:
+            return np.zeros((len(queries), 0), dtype=np.float32), np.zeros((len(queries), 0), dtype=np.int64)
+        xp = array_module(device)
+        if xp is np and self._faiss is not None:
+            scores, rows = self._faiss_top_k(queries, k, usable)
+            undecided = np.nonzero(rows[:, -1] < 0)[0]  # ties ran past FAISS's short list
+            if len(undecided):
+                scores[undecided], rows[undecided] = self._block_top_k(queries[undecided], k, usable, device,
+                                                                       block_rows)
+        else:
+            scores, rows = self._block_top_k(queries, k, usable, device, block_rows)
+        return scores.astype(np.float32), self._keys[rows]
+
+    def _block_top_k(self, queries: np.ndarray, k: int, usable: np.ndarray | None, device: str,
+                     block_rows: int | None) -> tuple[np.ndarray, np.ndarray]:
         best_scores = np.zeros((len(queries), 0), dtype=np.float32)
         best_rows = np.zeros((len(queries), 0), dtype=np.int64)
-        if k == 0:
-            return best_scores, best_rows
         for xp, start, scores in self._score_blocks(queries, device, block_rows):
             if usable is not None:
                 blocked = ~usable[start : start + scores.shape[1]]
@@ -234,7 +297,32 @@ class ExactSearcher:
             candidates = np.concatenate([best_scores, to_host(block_scores)], axis=1)
             rows = np.concatenate([best_rows, to_host(columns) + start], axis=1)
             best_scores, best_rows = merge_top_k(candidates, rows, k)
-        return best_scores.astype(np.float32), self._keys[best_rows]
+        return best_scores, best_rows
+
+    def _faiss_top_k(self, queries: np.ndarray, k: int, usable: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` rows by FAISS's fp16 scan, ordered by (score desc, row asc).
+
+        Rows are ``-1`` for a query whose k-th score is shared beyond the short list FAISS returned
+        (the caller answers those by the block scan).
+        """
+        faiss = self._faiss
+        if self._scan_index is None or not self._vectors.flags.writeable:
+            self._move_rows(self._size)  # rows move into FAISS's memory (a memory map is copied)
+        index = self._scan_index
+        index.ntotal = self._size  # the index has spare capacity; only the first _size rows are rows
+        available = self._size if usable is None else int(usable.sum())
+        wide = min(available, k + TIE_MARGIN)
+        params = None
+        if usable is not None:
+            bits = np.packbits(usable, bitorder="little")
+            params = faiss.SearchParameters()
+            params.sel = faiss.IDSelectorBitmap(self._size, faiss.swig_ptr(bits))
+        scores, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), wide, params=params)
+        order = np.lexsort((rows, -scores), axis=-1)
+        scores, rows = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+        if wide < available:
+            rows[scores[:, wide - 1] == scores[:, k - 1], k - 1] = -1
+        return scores[:, :k].copy(), rows[:, :k].copy()
 
     def scores(self, queries: np.ndarray, *, device: str = "auto", block_rows: int | None = None) -> np.ndarray:
         out = np.empty((len(queries), self._size), dtype=np.float32)
@@ -266,8 +354,9 @@ class ExactSearcher:
         if len(np.unique(keys)) != len(keys):
             raise InputError("repeated keys")
         self._keys, self._vectors, self._size = keys, vectors, len(keys)
+        self._scan_index = None
         self._row_of = {int(key): row for row, key in enumerate(keys.tolist())}
         self._touch()
 
 
-__all__ = ["DEFAULT_BLOCK_ELEMENTS", "SEARCH_DEVICES", "ExactSearcher", "array_module", "merge_top_k", "top_k_block"]
+__all__ = ["DEFAULT_BLOCK_ELEMENTS", "SEARCH_DEVICES", "TIE_MARGIN", "ExactSearcher", "array_module", "merge_top_k", "top_k_block"]
