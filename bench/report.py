@@ -533,11 +533,9 @@ def _geo(section: Mapping[str, Any]) -> str:
     peaks = [row["index_peak_bytes"] for row in section["memory"] if row["index_peak_bytes"]]
     spread = f" (largest / smallest index peak: x{max(peaks) / min(peaks):.2f})" if len(peaks) > 1 else ""
     scales = ", ".join(map(str, settings["memory_locate_scales"]))
-    separate = section.get("separate_run")
     return "\n\n".join([
         "Synthetic UTM scenes (`galr-synth --geo-scenes`), the benchmark's random-weight model on ONNX Runtime "
-        "FP32 (CPU)." + (f" Measured in a run of its own, `{separate['command']}`, started {separate['started']}."
-                         if separate else ""),
+        "FP32 (CPU).",
         f"**Indexing throughput** ({throughput['tiles']} tiles of {settings['tile']} px from a "
         f"{settings['throughput_side']:,} px scene, batch {settings['batch']}, best of two): scene indexing "
         f"{_number(throughput['indexing_tiles_per_s'])} tiles/s, the encoder alone on the same tiles already in "
@@ -593,6 +591,15 @@ def _approximate(data: Mapping[str, Any] | None) -> str:
     return head + markdown(data).rstrip()
 
 
+def _separate_run(section: Mapping[str, Any]) -> str:
+    """A note for a section measured apart from the rest (its ``separate_run``: command, start, why)."""
+    separate = section.get("separate_run")
+    if not separate:
+        return ""
+    return (f"*Measured in a run of its own*, `{separate['command']}`, started {separate['started']}: "
+            f"{separate['why']}.\n\n")
+
+
 def render_markdown(results: Mapping[str, Any]) -> str:
     """The whole ``BENCHMARKS.md`` for a result document."""
     sections = results["sections"]
@@ -611,7 +618,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         ("10. Detector: latency and what it costs an index build", _detector),
     ]
     names = ("encoders", "gallery", "rerank", "accuracy", "limits", "bounds", "serve", "geo", "detector")
-    body = [f"## {title}\n\n{renderer(sections[name])}" for (title, renderer), name in zip(render, names, strict=True)]
+    body = [f"## {title}\n\n{_separate_run(sections[name])}{renderer(sections[name])}"
+            for (title, renderer), name in zip(render, names, strict=True)]
     body.insert(6, f"## 7. Approximate search at scale\n\n{_approximate(results.get('approximate'))}")
     return "\n\n".join([
         "# Benchmarks",

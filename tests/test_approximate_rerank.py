@@ -48,7 +48,7 @@ def test_reranked_pq_saves_maps_its_exact_rows_and_edits_them(tmp_path):
     before = index.search(vectors[:5], 5).ids
     path = index.save(tmp_path / "p.gidx")
     loaded = load_index(path)
-    assert isinstance(loaded.images._exact, np.memmap) and loaded.search(vectors[:5], 5).ids == before
+    assert isinstance(loaded.images._exact.array(), np.memmap) and loaded.search(vectors[:5], 5).ids == before
     loaded.remove(["i1", "i2"])
     loaded.update([ImageRecord("i3", "/x/3.png", 8, 8)], vectors[10:11])
     fresh = _vectors(1, seed=77)
@@ -57,3 +57,46 @@ def test_reranked_pq_saves_maps_its_exact_rows_and_edits_them(tmp_path):
     np.testing.assert_allclose(loaded.images.reconstruct([loaded.key_of("i3")]), vectors[10:11], atol=1e-3)
     again = load_index(loaded.save(tmp_path / "q.gidx"))
     assert again.search(fresh, 1).ids[0] == ["new"]
+
+
+def test_exact_rows_past_the_spill_size_live_in_a_temporary_file_and_answer_alike(monkeypatch):
+    from galr.runtime.index.searchers import approximate
+
+    vectors = _vectors(4000, seed=2)
+    keys = np.arange(4000, dtype=np.int64)
+    queries = _vectors(12, seed=3)
+    in_memory = create_searcher("ivfpq", DIM, "fp16", m=4, nprobe=8, nlist=16, rerank=5)
+    spilled = create_searcher("ivfpq", DIM, "fp16", m=4, nprobe=8, nlist=16, rerank=5)
+    for start in range(0, 4000, 500):
+        in_memory.add(keys[start:start + 500], vectors[start:start + 500])
+    monkeypatch.setattr(approximate, "SPILL_BYTES", 100 * DIM * 2)  # spills after 100 rows
+    for start in range(0, 4000, 500):
+        spilled.add(keys[start:start + 500], vectors[start:start + 500])
+    assert spilled._exact._file is not None and in_memory._exact._file is None
+    assert isinstance(spilled._exact.array(), np.memmap)
+    for searcher in (in_memory, spilled):
+        searcher.remove(keys[100:300])
+        searcher.replace(keys[:2], vectors[2000:2002])
+    first, second = in_memory.search(queries, 10), spilled.search(queries, 10)
+    np.testing.assert_array_equal(first[1], second[1])
+    np.testing.assert_allclose(spilled.reconstruct(keys[:2]), vectors[2000:2002], atol=1e-3)
+    assert len(spilled._exact) == len(spilled) == 3800
+
+
+def test_rerank_depth_can_be_chosen_per_search():
+    vectors = _vectors(5000, seed=4)
+    keys = np.arange(5000, dtype=np.int64)
+    queries = vectors[:30] + 0.05 * _vectors(30, seed=5)
+    truth = keys[np.argsort(-(queries @ vectors.T), axis=1)[:, :10]]
+    searcher = create_searcher("ivfpq", DIM, "fp32", m=4, nprobe=16, rerank=2)
+    searcher.add(keys, vectors)
+    shallow = _recall(searcher.search(queries, 10, rerank=1)[1], truth)
+    deep = _recall(searcher.search(queries, 10, rerank=20)[1], truth)
+    pq_only = _recall(searcher.search(queries, 10, rerank=0)[1], truth)
+    assert deep > shallow and deep > pq_only and deep >= 0.95
+    with pytest.raises(ValueError, match="rerank must be between 1 and 1000"):
+        searcher.search(queries, 10, rerank=5000)
+    without = create_searcher("ivfpq", DIM, "fp32", m=4, nprobe=16)
+    without.add(keys, vectors)
+    with pytest.raises(ValueError, match="keeps no exact vectors"):
+        without.search(queries, 10, rerank=4)

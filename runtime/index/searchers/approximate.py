@@ -29,8 +29,9 @@ metric, kind, count) when read.
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import asdict, dataclass, replace
-from typing import Any, ClassVar, Mapping
+from typing import IO, Any, ClassVar, Mapping
 
 import numpy as np
 
@@ -45,7 +46,79 @@ EXACT_MEMBER = "exact.npy"  # ivfpq with rerank: the exact vectors, in the order
 MAX_EF = 32768
 #: Rows reconstructed and scored at a time by :meth:`ApproximateSearcher.scores` and the exact fallback.
 SCORE_BLOCK_ROWS = 65536
+#: Exact re-rank rows (``ivfpq`` with ``rerank``) held in memory while building; beyond this they
+#: move to a temporary file (``TMPDIR``), so a 10^7 build keeps only the PQ codes in memory.
+SPILL_BYTES = 256 << 20
 _SEED = 1234
+
+
+class ExactRows:
+    """The exact vectors an ``ivfpq`` searcher keeps for re-ranking, one row per key, in key order.
+
+    Rows are appended while building: in memory up to :data:`SPILL_BYTES`, then in an unnamed
+    temporary file read through a memory map. An index read from a ``.gidx`` hands over a read-only
+    memory map of its member (the rows stay on disk); editing such rows first copies them, block by
+    block, into a store of their own. Reading ``rows`` touches only those rows' pages.
+    """
+
+    def __init__(self, dim: int, dtype: Any, rows: np.ndarray | None = None) -> None:
+        self.dim, self.dtype = int(dim), np.dtype(dtype)
+        self._memory = np.zeros((0, self.dim), self.dtype) if rows is None else rows
+        self._file: IO[bytes] | None = None
+        self._count = len(self._memory)
+        self._mapped: np.ndarray | None = None  # memory map of _file, for _count rows
+
+    def __len__(self) -> int:
+        return self._count
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype).reshape(-1, self.dim)
+        if self._file is None and not self._memory.flags.writeable:
+            self._take_ownership()
+        if self._file is None and (self._count + len(rows)) * self.dim * self.dtype.itemsize <= SPILL_BYTES:
+            self._memory = np.concatenate([self._memory, rows])
+        else:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(prefix="galr-exact-rows-")
+                self._file.write(np.ascontiguousarray(self._memory).tobytes())
+                self._memory = np.zeros((0, self.dim), self.dtype)
+            self._file.seek(0, 2)
+            self._file.write(rows.tobytes())
+            self._file.flush()
+            self._mapped = None
+        self._count += len(rows)
+
+    def array(self) -> np.ndarray:
+        """All rows ``[len, dim]`` in the storage dtype (a memory map once spilled or read from a file)."""
+        if self._file is None:
+            return self._memory
+        if self._mapped is None:
+            self._mapped = np.memmap(self._file, dtype=self.dtype, mode="r+", shape=(self._count, self.dim)) \
+                if self._count else np.zeros((0, self.dim), self.dtype)
+        return self._mapped
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        """The rows at ``positions`` as float32."""
+        return self.array()[positions].astype(np.float32)
+
+    def _take_ownership(self) -> None:
+        """Copy read-only rows (a memory-mapped ``.gidx`` member) into a store that may be edited."""
+        source, self._memory, self._count = self._memory, np.zeros((0, self.dim), self.dtype), 0
+        for start in range(0, len(source), SCORE_BLOCK_ROWS):
+            self.append(source[start:start + SCORE_BLOCK_ROWS])
+
+    def replace(self, positions: np.ndarray, values: np.ndarray) -> None:
+        if self._file is None and not self._memory.flags.writeable:
+            self._take_ownership()
+        self.array()[positions] = np.asarray(values, dtype=self.dtype).reshape(-1, self.dim)
+
+    def kept(self, keep: np.ndarray) -> "ExactRows":
+        """A new store with the rows where ``keep`` is true (block by block: bounded memory)."""
+        kept = ExactRows(self.dim, self.dtype)
+        source = self.array()
+        for start in range(0, len(source), SCORE_BLOCK_ROWS):
+            kept.append(source[start:start + SCORE_BLOCK_ROWS][keep[start:start + SCORE_BLOCK_ROWS]])
+        return kept
 
 
 def faiss_module() -> Any:
@@ -463,7 +536,7 @@ class IvfPqSearcher(IvfSearcher):
         return self._faiss.IndexIVFPQ
 
     # -- exact re-ranking from vectors kept beside the codes ------------------------------------
-    _exact: np.ndarray | None = None  # rows in the order of _keys (storage dtype; a memory map when read)
+    _exact: ExactRows | None = None  # rows in the order of _keys (storage dtype; on disk when large)
     _lookup: tuple[np.ndarray, np.ndarray] | None = None  # sorted keys, and their rows
 
     def _rows_of(self, keys: np.ndarray) -> np.ndarray:
@@ -476,49 +549,61 @@ class IvfPqSearcher(IvfSearcher):
             raise KeyError(f"key {self._missing(keys)[:1] or '?'} is not in the searcher")
         return order[places]
 
-    def _exact_rows(self) -> np.ndarray:
+    def _exact_rows(self) -> ExactRows:
         if self._exact is None:
-            self._exact = np.zeros((0, self.dim), STORAGE_DTYPES[self.storage])
+            self._exact = ExactRows(self.dim, STORAGE_DTYPES[self.storage])
         return self._exact
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         super().add(keys, vectors)
         if self.settings.rerank:
-            rows = np.asarray(vectors, dtype=STORAGE_DTYPES[self.storage]).reshape(-1, self.dim)
-            self._exact, self._lookup = np.concatenate([self._exact_rows(), rows]), None
+            self._exact_rows().append(np.asarray(vectors).reshape(-1, self.dim))
+            self._lookup = None
 
     def replace(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         super().replace(keys, vectors)
         if self.settings.rerank:
-            self._exact = np.array(self._exact_rows())  # a memory map is read-only: edit a copy
-            self._exact[self._rows_of(np.asarray(keys, np.int64).reshape(-1))] = np.asarray(vectors).reshape(-1, self.dim)
+            self._exact_rows().replace(self._rows_of(np.asarray(keys, np.int64).reshape(-1)), vectors)
 
     def remove(self, keys: np.ndarray) -> None:
         keep = ~np.isin(self._keys, np.asarray(keys, np.int64).reshape(-1))
         super().remove(keys)
         if self.settings.rerank:
-            self._exact, self._lookup = np.array(self._exact_rows()[keep]), None
+            self._exact, self._lookup = self._exact_rows().kept(keep), None
 
     def reconstruct(self, keys: np.ndarray) -> np.ndarray:
         """The exact vectors when they are kept (``rerank``), else the PQ reconstructions."""
         if not self.settings.rerank:
             return super().reconstruct(keys)
         keys = np.asarray(keys, dtype=np.int64).reshape(-1)
-        return self._exact_rows()[self._rows_of(keys)].astype(np.float32) if len(keys) else \
-            np.zeros((0, self.dim), np.float32)
+        return self._exact_rows().rows(self._rows_of(keys)) if len(keys) else np.zeros((0, self.dim), np.float32)
+
+    _search_names = frozenset({"nprobe", "rerank"})
 
     def search(self, queries: np.ndarray, k: int, *, device: str = "auto", allowed: np.ndarray | None = None,
                **params: Any) -> tuple[np.ndarray, np.ndarray]:
-        """PQ search; with ``rerank``, ``rerank x k`` PQ candidates re-scored with the exact vectors."""
-        if not self.settings.rerank:
+        """PQ search; with ``rerank``, ``rerank x k`` PQ candidates re-scored with the exact vectors.
+
+        ``rerank`` may also be given per search (``1..1000``; ``0`` = PQ scores only) when the index
+        keeps the exact vectors (built with ``rerank``).
+        """
+        rerank = params.pop("rerank", None)
+        if rerank is None:
+            rerank = self.settings.rerank
+        elif rerank != 0:
+            _positive(rerank, "rerank", upper=1000)
+            if not self.settings.rerank:
+                raise InputError("this ivfpq index keeps no exact vectors to re-rank with; rebuild it with "
+                                 "--search-setting rerank=R (or search with rerank=0)")
+        if not rerank:
             return super().search(queries, k, device=device, allowed=allowed, **params)
-        k = min(int(k), len(self))
-        wide = min(len(self), max(k, k * self.settings.rerank))
+        k = min(int(k), len(self) if allowed is None else len(np.intersect1d(allowed, self._keys)))
+        wide = min(len(self), max(k, k * int(rerank)))
         _, candidates = super().search(queries, wide, device=device, allowed=allowed, **params)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if candidates.shape[1] == 0:
-            return candidates.astype(np.float32), candidates
-        vectors = self._exact_rows()[self._rows_of(candidates.reshape(-1))].astype(np.float32)
+        if candidates.shape[1] == 0 or k == 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        vectors = self._exact_rows().rows(self._rows_of(candidates.reshape(-1)))
         exact = np.einsum("qd,qkd->qk", queries, vectors.reshape(*candidates.shape, self.dim))
         order = np.lexsort((candidates, -exact), axis=-1)[:, :k]  # best exact score, ties by key
         return np.take_along_axis(exact, order, 1).astype(np.float32), np.take_along_axis(candidates, order, 1)
@@ -526,7 +611,7 @@ class IvfPqSearcher(IvfSearcher):
     def save(self, writer: ContainerWriter, prefix: str) -> dict[str, Any]:
         params = super().save(writer, prefix)
         if self.settings.rerank:
-            writer.write_array(prefix + EXACT_MEMBER, self._exact_rows())
+            writer.write_array(prefix + EXACT_MEMBER, self._exact_rows().array())
         return params
 
     @classmethod
@@ -535,8 +620,9 @@ class IvfPqSearcher(IvfSearcher):
         searcher = super().load(reader, entries, prefix, dim=dim, storage=storage, count=count, params=params)
         if searcher.settings.rerank:
             # Memory-mapped: the exact vectors stay on disk; a query reads only its candidates' rows.
-            searcher._exact = reader.read_array(prefix + EXACT_MEMBER, entries[prefix + EXACT_MEMBER],
-                                                STORAGE_DTYPES[storage], (count, dim), mapped=True)
+            searcher._exact = ExactRows(dim, STORAGE_DTYPES[storage], reader.read_array(
+                prefix + EXACT_MEMBER, entries[prefix + EXACT_MEMBER], STORAGE_DTYPES[storage], (count, dim),
+                mapped=True))
         return searcher
 
 
@@ -600,5 +686,5 @@ def _positions(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
     return order[np.searchsorted(haystack, needles, sorter=order)]
 
 
-__all__ = ["ApproximateSearcher", "HnswSearcher", "HnswSettings", "IvfPqSearcher", "IvfSearcher", "IvfSettings",
+__all__ = ["ApproximateSearcher", "ExactRows", "HnswSearcher", "HnswSettings", "IvfPqSearcher", "IvfSearcher", "IvfSettings",
            "faiss_module"]
