@@ -55,8 +55,9 @@ class BenchOptions:
         dataset: benchmark folder for the accuracy section (``None``: ``galr-demo/benchmark``).
         seed: seed of every random input.
         note: free text shown under the machine description (e.g. why the thread count was chosen).
-        approximate: results of ``python -m galr.bench.approximate`` (a JSON file) to include as the
-            approximate-search section; that run takes minutes per million vectors, so it is its own command.
+        approximate: results of ``python -m galr.bench.approximate`` (JSON files, e.g. one at 10^6 and
+            one at 10^7 vectors) to include in the approximate-search section; those runs take minutes per
+            million vectors, so they are their own command.
         soak_minutes: run the serving soak test for this long after the load steps (0: not run; it
             is a benchmark of its own: memory under steady load, minutes of machine time).
         work_dir: where the benchmark model and bundle are written (``None``: a temporary folder).
@@ -71,7 +72,7 @@ class BenchOptions:
     dataset: Path | None = None
     seed: int = 0
     note: str | None = None
-    approximate: Path | None = None
+    approximate: tuple[Path, ...] = ()
     soak_minutes: float = 0.0
     work_dir: Path | None = field(default=None, compare=False)
 
@@ -115,8 +116,8 @@ class BenchOptions:
             args += ["--seed", str(self.seed)]
         if self.note:
             args += ["--note", self.note]
-        if self.approximate is not None:
-            args += ["--approximate", str(self.approximate)]
+        for path in self.approximate:
+            args += ["--approximate", str(path)]
         if self.soak_minutes:
             args += ["--soak-minutes", f"{self.soak_minutes:g}"]
         return shlex.join(args)
@@ -139,7 +140,7 @@ def _settings(options: BenchOptions, threads: int) -> dict[str, Any]:
     if not options.quick:
         return {
             "encoders": EncoderBenchSettings(threads=threads, seed=seed),
-            "gallery": GallerySettings(threads=threads, seed=seed),
+            "gallery": GallerySettings(threads=threads, seed=seed, ray_images=512),
             "rerank": RerankBenchSettings(seed=seed),
             "limits": PeakSettings(),
             "bounds": BoundsSettings(seed=seed),
@@ -219,7 +220,7 @@ def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[st
     from galr.bench.serve import run_serve_benchmarks
 
     elapsed = harness.stopwatch()
-    approximate = _approximate_results(options.approximate) if options.approximate is not None else None
+    approximate = [_approximate_results(path) for path in options.approximate]
     settings = _settings(options, threads)
     encoder_settings = settings["encoders"]
     summary = {name: value.to_dict() for name, value in settings.items()}
@@ -262,7 +263,7 @@ def run_benchmarks(options: BenchOptions, log: Callable[[str], None]) -> dict[st
         sections["accuracy"] = (run_accuracy(*chosen, log) if chosen is not None else harness.not_run(
             "quick mode: pass --checkpoint (and --dataset) to score a trained model"))
     attach_fractions(sections["limits"], sections["encoders"])
-    if approximate is not None:
+    if approximate:
         results["approximate"] = approximate
     results["machine"]["load_average_end"] = harness.load_average()
     results["seconds"] = round(elapsed(), 1)
@@ -327,14 +328,15 @@ written and the command exits with the gate code (4).
               help=f"Benchmark folder for the accuracy section. Default: {paths.DEFAULT_BENCHMARK}.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random input.")
 @click.option("--note", default=None, help="Free text shown under the machine description in the Markdown.")
-@click.option("--approximate", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Include this result JSON of `python -m galr.bench.approximate` (approximate search at scale).")
+@click.option("--approximate", type=click.Path(dir_okay=False, path_type=Path), multiple=True,
+              help="Include this result JSON of `python -m galr.bench.approximate` (approximate search at scale; "
+                   "repeatable, e.g. a 10^6 and a 10^7 run).")
 @click.option("--soak-minutes", type=click.FloatRange(min=0), default=0, show_default=True,
               help="Also run the serving soak test this long (memory and errors under steady load).")
 @click.option("--render", "render_from", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Measure nothing: render --markdown from this existing result JSON.")
 def main(output: Path, markdown: Path | None, quick: bool, sections: tuple[str, ...], threads: int | None,
-         checkpoint: Path | None, dataset: Path | None, seed: int, note: str | None, approximate: Path | None,
+         checkpoint: Path | None, dataset: Path | None, seed: int, note: str | None, approximate: tuple[Path, ...],
          soak_minutes: float, render_from: Path | None) -> None:
     """Benchmark GaLR's encoders, gallery search, MR rerank, accuracy and the machine's limits."""
     if render_from is not None:

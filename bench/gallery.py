@@ -57,6 +57,8 @@ class GallerySettings:
         block_rows: rows per :meth:`GalleryIndex.add` call while filling.
         build_images: synthetic image files encoded for the build throughput.
         build_batch: images per engine call during the build.
+        ray_images: synthetic images for the Ray Data indexing comparison (0: not measured).
+        ray_workers: encoder actors of that comparison (one CPU each).
         timing: timing of the search cases.
         threads: BLAS/OpenMP threads of the search processes.
         seed: seed of the embeddings and images.
@@ -70,6 +72,8 @@ class GallerySettings:
     block_rows: int = 100_000
     build_images: int = 48
     build_batch: int = 16
+    ray_images: int = 0
+    ray_workers: int = 2
     timing: TimingSettings = TimingSettings(warmup=1, repeats=3, min_iterations=1, max_iterations=100, target_seconds=0.5)
     threads: int = 2
     seed: int = 0
@@ -77,7 +81,8 @@ class GallerySettings:
     def to_dict(self) -> dict[str, Any]:
         return {"sizes": list(self.sizes), "storages": list(self.storages), "embed_dim": self.embed_dim,
                 "top_k": self.top_k, "query_batch": self.query_batch, "block_rows": self.block_rows,
-                "build_images": self.build_images, "build_batch": self.build_batch, "timing": self.timing.to_dict(),
+                "build_images": self.build_images, "build_batch": self.build_batch, "ray_images": self.ray_images,
+                "ray_workers": self.ray_workers, "timing": self.timing.to_dict(),
                 "threads": self.threads, "seed": self.seed}
 
 
@@ -138,6 +143,62 @@ def measure_index_build(bench: Any, settings: GallerySettings, log: Log) -> list
             rows.append({"backend": backend, "status": STATUS_OK, "images": len(paths), "batch": settings.build_batch,
                          "images_per_s": throughput})
     return rows
+
+
+def measure_ray_indexing(bench: Any, settings: GallerySettings, log: Log) -> dict[str, Any]:
+    """Images/s of ``galr-index --ray`` (Ray Data, local) against one process on the same images and CPUs.
+
+    Both sides run the bundle's FP32 graphs on ONNX Runtime's CPU provider and include loading the
+    engine (the Ray side in every actor). Ray's own start-up is timed apart, so the figure is given
+    with and without it. One run each (tens of seconds; the spread of the other build rows applies).
+    """
+    if not settings.ray_images:
+        return not_run("not asked for (ray_images is 0)")
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        return not_run("Ray Data is not installed (pip install 'galr[ray]')")
+    import os
+
+    from galr.runtime.backends.onnxruntime import OnnxRuntimeOptions
+    from galr.runtime.encoders import load_engine
+    from galr.runtime.index import build_index
+    from galr.runtime.index.distributed import DistributedSettings, build_index_on_ray
+
+    cpus = settings.ray_workers
+    with tempfile.TemporaryDirectory(prefix="galr-bench-ray-") as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one no-detection warning per image
+        paths = write_synthetic_images(Path(folder) / "images", settings.ray_images, bench.model.config.image_size,
+                                       settings.seed + 1)
+        log(f"index build, one process vs Ray Data ({cpus} workers): {len(paths)} images")
+        single = stopwatch()
+        with load_engine(bench.bundle, backend="onnxruntime", device="cpu", precision="fp32",
+                         options=[OnnxRuntimeOptions(intra_op_threads=cpus)]) as encoders:
+            index, _ = build_index(encoders, paths, batch_size=32, progress=False, root=Path(folder) / "images")
+            model_hash, embed_dim = encoders.model_hash, encoders.embed_dim
+        single_s = single()
+        started = stopwatch()
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        start_s = started()
+        try:
+            encoded = stopwatch()
+            distributed, _ = build_index_on_ray(
+                bench.bundle, paths, Path(folder) / "ray.gidx",
+                DistributedSettings(workers=cpus, cpus_per_worker=1.0, shard_size=64, batch_size=32),
+                model_hash=model_hash, embed_dim=embed_dim, root=str(Path(folder) / "images"), backend="onnxruntime",
+                device="cpu", precision="fp32", log=lambda _: None, progress=False)
+            ray_s = encoded()
+        finally:
+            ray.shutdown()
+        agree = float(np.max(np.abs(distributed.image_vectors() - index.image_vectors())))
+    count = len(paths)
+    return {"status": STATUS_OK, "images": count, "cpus": cpus, "cpu_count": os.cpu_count(),
+            "single_s": round(single_s, 2), "ray_start_s": round(start_s, 2), "ray_s": round(ray_s, 2),
+            "single_images_per_s_per_cpu": round(count / single_s / cpus, 2),
+            "ray_images_per_s_per_cpu": round(count / ray_s / cpus, 2),
+            "ray_with_start_images_per_s_per_cpu": round(count / (ray_s + start_s) / cpus, 2),
+            "max_abs_difference": agree}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,8 +288,9 @@ def run_gallery_benchmarks(bench: Any | None, settings: GallerySettings, log: Lo
     elapsed = stopwatch()
     build = measure_index_build(bench, settings, log) if bench is not None else [
         {"backend": "onnxruntime-fp32", **not_run("the encoder section's model was not built (encoders not selected)")}]
-    return {"status": STATUS_OK, "settings": settings.to_dict(), "build": build, "search": measure_search(settings, log),
-            "seconds": round(elapsed(), 1)}
+    ray = measure_ray_indexing(bench, settings, log) if bench is not None else not_run("no model built")
+    return {"status": STATUS_OK, "settings": settings.to_dict(), "build": build, "ray": ray,
+            "search": measure_search(settings, log), "seconds": round(elapsed(), 1)}
 
 
 def _settings_from_dict(values: dict[str, Any]) -> GallerySettings:

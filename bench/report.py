@@ -200,6 +200,7 @@ def _gallery(section: Mapping[str, Any]) -> str:
         f"**Index build** with the real encoder (`build_index` over {settings['build_images']} synthetic PNGs: decode, "
         "preprocess, the three image graphs, insert; no detection files, so DREA uses its all-zero fallback):",
         _table(("backend", "images", "batch", "images/s"), build_rows),
+        _ray_indexing(section.get("ray")),
         f"**Search** over random unit embeddings (exact top-{settings['top_k']}, one process per row so memory is "
         f"its own; filled in blocks of {settings['block_rows']:,} with `GalleryIndex.add`):",
         _table(("images", "storage", "insert/s", "1 query p50 ms", "p95", "p99",
@@ -209,8 +210,27 @@ def _gallery(section: Mapping[str, Any]) -> str:
         "freed temporaries the allocator keeps) divided by the images; most meaningful at the largest size. "
         "Peak B/image: the growth of its peak, which includes the buffer copies made when the index grows and "
         "`add`'s validation temporaries (a float32 square of each block); 0 means the fill stayed below the "
-        "peak the process had already reached while importing.",
+        "peak the process had already reached while importing. fp16 rows are scanned by FAISS's fp16 scalar-"
+        "quantiser loop where FAISS is installed (it was in this run: the `faiss` extra), by numpy blocks "
+        "otherwise.",
     ])
+
+
+def _ray_indexing(ray: Mapping[str, Any] | None) -> str:
+    if not ray:
+        return "**Ray Data indexing**: not measured in this run (older result file)."
+    if ray.get("status") != STATUS_OK:
+        return f"**Ray Data indexing**: {_not_run(ray)}"
+    share = ray["ray_images_per_s_per_cpu"] / ray["single_images_per_s_per_cpu"]
+    share_start = ray["ray_with_start_images_per_s_per_cpu"] / ray["single_images_per_s_per_cpu"]
+    return (f"**Ray Data indexing** (`galr-index --ray`: {ray['cpus']} encoder actors of 1 CPU on a local Ray, "
+            f"against one process with {ray['cpus']} ONNX Runtime threads; FP32, {ray['images']} synthetic PNGs, "
+            f"engine loading included on both sides, one run each): one process "
+            f"{_number(ray['single_images_per_s_per_cpu'])} images/s per CPU ({_number(ray['single_s'])} s); Ray "
+            f"{_number(ray['ray_images_per_s_per_cpu'])} images/s per CPU ({_number(ray['ray_s'])} s), "
+            f"**{100 * share:.0f} %** of one process; with Ray's own start-up ({_number(ray['ray_start_s'])} s) "
+            f"{_number(ray['ray_with_start_images_per_s_per_cpu'])} ({100 * share_start:.0f} %). Largest difference "
+            f"between the two indexes' embeddings: {ray['max_abs_difference']:.2g}.")
 
 
 def _bounds(section: Mapping[str, Any]) -> str:
@@ -580,15 +600,20 @@ def _detector(section: Mapping[str, Any]) -> str:
     ])
 
 
-def _approximate(data: Mapping[str, Any] | None) -> str:
-    if data is None:
+def _approximate(data: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None) -> str:
+    """One part per included run (older result files hold a single run, not a list)."""
+    if not data:
         return ("_Not included in this run: make it with `python -m galr.bench.approximate --gallery gallery.gidx "
                 "-o bench/results/approximate.json` and pass it with `galr-bench --approximate FILE`._")
     from galr.bench.approximate import markdown
 
-    command = data.get("command")
-    head = f"Measured on {data.get('started', '?')} with `{command}`.\n\n" if command else ""
-    return head + markdown(data).rstrip()
+    parts = []
+    for run in [data] if isinstance(data, Mapping) else data:
+        command = run.get("command")
+        title = f"### {run['settings']['size']:,} vectors\n\n" if not isinstance(data, Mapping) else ""
+        head = f"Measured on {run.get('started', '?')} with `{command}`.\n\n" if command else ""
+        parts.append(title + head + markdown(run).rstrip())
+    return "\n\n".join(parts)
 
 
 def _separate_run(section: Mapping[str, Any]) -> str:

@@ -48,12 +48,12 @@ def test_reranked_pq_saves_maps_its_exact_rows_and_edits_them(tmp_path):
     before = index.search(vectors[:5], 5).ids
     path = index.save(tmp_path / "p.gidx")
     loaded = load_index(path)
-    assert isinstance(loaded.images._exact.array(), np.memmap) and loaded.search(vectors[:5], 5).ids == before
+    assert isinstance(loaded.images._exact_store.array(), np.memmap) and loaded.search(vectors[:5], 5).ids == before
     loaded.remove(["i1", "i2"])
     loaded.update([ImageRecord("i3", "/x/3.png", 8, 8)], vectors[10:11])
     fresh = _vectors(1, seed=77)
     loaded.add([ImageRecord("new", "/x/new.png", 8, 8)], fresh)
-    assert len(loaded.images._exact) == len(loaded) == 2999
+    assert len(loaded.images._exact_store) == len(loaded) == 2999
     np.testing.assert_allclose(loaded.images.reconstruct([loaded.key_of("i3")]), vectors[10:11], atol=1e-3)
     again = load_index(loaded.save(tmp_path / "q.gidx"))
     assert again.search(fresh, 1).ids[0] == ["new"]
@@ -72,15 +72,15 @@ def test_exact_rows_past_the_spill_size_live_in_a_temporary_file_and_answer_alik
     monkeypatch.setattr(approximate, "SPILL_BYTES", 100 * DIM * 2)  # spills after 100 rows
     for start in range(0, 4000, 500):
         spilled.add(keys[start:start + 500], vectors[start:start + 500])
-    assert spilled._exact._file is not None and in_memory._exact._file is None
-    assert isinstance(spilled._exact.array(), np.memmap)
+    assert spilled._exact_store._file is not None and in_memory._exact_store._file is None
+    assert isinstance(spilled._exact_store.array(), np.memmap)
     for searcher in (in_memory, spilled):
         searcher.remove(keys[100:300])
         searcher.replace(keys[:2], vectors[2000:2002])
     first, second = in_memory.search(queries, 10), spilled.search(queries, 10)
     np.testing.assert_array_equal(first[1], second[1])
     np.testing.assert_allclose(spilled.reconstruct(keys[:2]), vectors[2000:2002], atol=1e-3)
-    assert len(spilled._exact) == len(spilled) == 3800
+    assert len(spilled._exact_store) == len(spilled) == 3800
 
 
 def test_rerank_depth_can_be_chosen_per_search():

@@ -324,17 +324,37 @@ def test_approximate_search_benchmark_fits_measures_and_renders(tmp_path):
     real /= np.linalg.norm(real, axis=1, keepdims=True)
     index = GalleryIndex("m", 16)
     index.add([ImageRecord(f"{i}.png", f"/{i}.png", 1, 1) for i in range(300)], real)
-    settings = ApproximateSettings(size=3000, queries=20, nprobes=(1, 54), efs=(16,), sigmas=(0.2, 0.6))  # nlist 54
-    results = run(index.save(tmp_path / "g.gidx"), settings, log=lambda _: None)
+    settings = ApproximateSettings(size=3000, queries=20, nprobes=(1, 54), efs=(16,), sigmas=(0.2, 0.6),  # nlist 54
+                                   kinds=("ivf", "ivfpq", "hnsw"), reranks=(0, 8), dim=24)
+    results = run(index.save(tmp_path / "g.gidx"), settings, log=lambda _: None, work_dir=tmp_path)
     assert set(results["models"]) == {"anchored", "gaussian"} and results["fit"]["sigma"] in (0.2, 0.6)
+    assert (results["dim"], results["real_dim"]) == (24, 16)
     ivf = results["models"]["gaussian"]["ivf"]["search"]
     assert [row["nprobe"] for row in ivf] == [1, 54]
     assert ivf[1]["recall_at_10"] == 1.0  # every list probed: exact
     assert all(0 <= row["recall_at_10"] <= 1 for model in results["models"].values()
                for kind in model.values() for row in kind["search"])
+    pq = {(row["nprobe"], row["rerank"]): row["recall_at_10"] for row in results["models"]["anchored"]["ivfpq"]["search"]}
+    assert pq[(54, 8)] > pq[(54, 0)]  # the exact re-rank from the rows on disk pays
+    entry = results["models"]["anchored"]["ivfpq"]
+    assert entry["disk_bytes_per_vector"] >= 24 * 2 and entry["resident_mb_opened"] > 0  # fp16 rows, a real child
+    assert list(tmp_path.iterdir()) == [tmp_path / "g.gidx"]  # the saved searchers are gone
     text = markdown(results)
-    assert "| gaussian | ivf |" in text and "top-1 minus top-10" in text
-    assert "Not included" in _approximate(None)
+    assert "| gaussian | ivf |" in text and "top-1 minus top-10" in text and "nprobe 54 rerank 8" in text
+    assert "lifted into 24" in text and "Not included" in _approximate(None)
+
+
+def test_lifted_vectors_keep_every_inner_product():
+    from galr.bench.approximate import AnchoredGenerator
+
+    real = np.random.default_rng(1).standard_normal((50, 8)).astype(np.float32)
+    real /= np.linalg.norm(real, axis=1, keepdims=True)
+    flat, lifted = AnchoredGenerator(real, 0.3), AnchoredGenerator(real, 0.3, dim=32)
+    small, large = flat.block(40, (0, 1)), lifted.block(40, (0, 1))
+    assert large.shape == (40, 32)
+    np.testing.assert_allclose(large @ large.T, small @ small.T, atol=1e-5)
+    with pytest.raises(ValueError, match="smaller"):
+        AnchoredGenerator(real, 0.3, dim=4)
 
 
 def test_galr_bench_refuses_an_approximate_file_that_is_not_one(tmp_path):

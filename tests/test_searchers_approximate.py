@@ -282,3 +282,74 @@ def test_an_emptied_index_saves_loads_and_fills_again(tmp_path, kind):
     loaded.remove([f"{i}.png" for i in range(rows)])
     loaded.save(tmp_path / "emptied.gidx")
     assert len(load_index(tmp_path / "emptied.gidx")) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# FAISS on a GPU: the logic around it, with a stand-in for faiss-gpu's cloner (no GPU here)
+
+
+@pytest.fixture
+def fake_faiss_gpu(monkeypatch):
+    """faiss-gpu's three entry points, the "GPU copy" being a CPU clone that counts its searches."""
+    copies: list[dict] = []
+
+    class CountingCopy:
+        def __init__(self, index, options):
+            self.index, self.searches = faiss.clone_index(index), 0
+            copies.append({"copy": self, "options": options})
+
+        def search(self, queries, k, params=None):
+            self.searches += 1
+            return self.index.search(queries, k, params=params)
+
+    class ClonerOptions:
+        useFloat16 = False
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "GpuClonerOptions", ClonerOptions, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda resources, device, index, options=None:
+                        CountingCopy(index, options), raising=False)
+    return copies
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_ivf_kinds_search_on_faiss_gpu_copies_that_follow_edits(fake_faiss_gpu, kind):
+    searcher, vectors = filled(kind, nprobe=8)
+    queries = clustered(6, seed=5)
+    on_cpu = searcher.search(queries, 5, device="cpu")
+    on_gpu = searcher.search(queries, 5, device="cuda")
+    np.testing.assert_array_equal(on_gpu[1], on_cpu[1])
+    assert len(fake_faiss_gpu) == 1 and fake_faiss_gpu[0]["copy"].searches == 1
+    assert fake_faiss_gpu[0]["options"] is None if kind == "ivf" else fake_faiss_gpu[0]["options"].useFloat16
+    searcher.search(queries, 5)  # auto takes the GPU too, with the same copy
+    assert len(fake_faiss_gpu) == 1 and fake_faiss_gpu[0]["copy"].searches == 2
+    searcher.add(np.array([1]), queries[:1])  # an edit makes the copy stale
+    assert 1 in searcher.search(queries[:1], 10, device="cuda")[1][0] and len(fake_faiss_gpu) == 2
+    searcher.search(queries, 5, device="cuda", allowed=searcher.keys[:50])  # ID selectors: the CPU
+    searcher.search(queries, 3000, device="cuda")  # wider than FAISS's GPU k
+    assert fake_faiss_gpu[1]["copy"].searches == 1
+
+
+def test_hnsw_and_cpu_only_faiss_refuse_cuda_but_auto_falls_back(monkeypatch, fake_faiss_gpu):
+    from galr.runtime.backends.base import BackendUnavailableError
+
+    graph, _ = filled("hnsw", rows=400)
+    with pytest.raises(BackendUnavailableError, match="no GPU form of HNSW"):
+        graph.search(clustered(1), 3, device="cuda")
+    assert graph.search(clustered(1), 3)[1].shape == (1, 3) and not fake_faiss_gpu
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
+    lists, _ = filled("ivf", rows=400)
+    with pytest.raises(BackendUnavailableError, match="FAISS sees no GPU"):
+        lists.search(clustered(1), 3, device="cuda")
+    monkeypatch.delattr(faiss, "StandardGpuResources")
+    with pytest.raises(BackendUnavailableError, match="CPU-only"):
+        lists.search(clustered(1), 3, device="cuda")
+    assert lists.search(clustered(1), 3)[1].shape == (1, 3) and not fake_faiss_gpu
+
+
+@pytest.mark.parametrize("rerank", [0, 3])
+def test_ivfpq_answers_a_query_its_probes_cannot_fill_exhaustively(rerank):
+    searcher, vectors = filled("ivfpq", rows=1200, nprobe=1, **({"rerank": rerank} if rerank else {}))
+    scores, keys = searcher.search(clustered(2, seed=8), 1200)
+    assert keys.shape == (2, 1200) and sorted(keys[0].tolist()) == list(range(100, 1300))

@@ -133,14 +133,18 @@ class ShardEncoder:
     """The Ray Data actor: loads the engine once, then encodes and writes one shard per row."""
 
     def __init__(self, bundle: str, folder: str, job: dict, backend: str, device: str, precision: str,
-                 batch_size: int) -> None:
+                 batch_size: int, threads: int = 0) -> None:
         import warnings
 
         from galr.preprocess.drea import NoDetectionsWarning
+        from galr.runtime.backends.onnxruntime import OnnxRuntimeOptions
         from galr.runtime.encoders import load_engine
 
         warnings.filterwarnings("ignore", category=NoDetectionsWarning)  # counted by the shard, not printed
-        self.encoders = load_engine(bundle, backend=backend, device=device, precision=precision)
+        # ONNX Runtime would start one thread per core in every actor; several actors on a node then
+        # fight over the cores. Each takes the CPUs Ray reserved for it.
+        self.encoders = load_engine(bundle, backend=backend, device=device, precision=precision,
+                                    options=[OnnxRuntimeOptions(intra_op_threads=threads)])
         self.folder, self.job, self.batch_size = Path(folder), job, batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -246,7 +250,8 @@ def _run_pending(ray: Any, shards: list[list[Path]], pending: list[int], folder:
             compute=ray.data.ActorPoolStrategy(size=min(settings.workers, len(rows))),
             num_cpus=settings.cpus_per_worker,
             fn_constructor_kwargs={"bundle": bundle, "folder": str(folder), "job": job, "backend": backend,
-                                   "device": device, "precision": precision, "batch_size": settings.batch_size})
+                                   "device": device, "precision": precision, "batch_size": settings.batch_size,
+                                   "threads": max(1, round(settings.cpus_per_worker))})
         total = sum(len(shards[n]) for n in pending)
         with tqdm(total=total, unit="img", desc="indexing on ray", disable=not progress) as bar:
             for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):

@@ -19,6 +19,13 @@ storage, a scalar quantiser), so :meth:`reconstruct` and MR see the exact vector
 bytes per vector (``m`` sub-quantisers of ``nbits`` = 8 bits), so reconstructed vectors and their
 MR scores are approximations; ``hnsw`` every vector plus ``2 M`` graph links per vector.
 
+On a machine where FAISS has GPU support (faiss-gpu) and sees a GPU, ``device="auto"`` or
+``"cuda"`` searches the IVF kinds on the GPU: FAISS's own GPU copy of the structure, made at the
+first such search and again after edits (``ivfpq`` with float16 lookup tables, which FAISS needs for
+large ``m``). HNSW has no FAISS GPU form, and filtered searches (ID selectors) and searches wider
+than :data:`GPU_MAX_K` stay on the CPU; ``device="cuda"`` where none of this is possible is refused
+with the reason. ``ivfpq``'s exact re-rank always reads its rows on the CPU.
+
 Search settings (``search(..., nprobe=...)``, ``galr-run --nprobe/--ef``): ``nprobe`` is how many
 IVF lists are scanned (``1..nlist``; ``nlist`` scans all and is exact for ``ivf``); ``ef`` is the
 HNSW search beam (``1..`` :data:`MAX_EF`, at least ``k`` is used). The FAISS structure is saved as
@@ -37,6 +44,7 @@ import numpy as np
 
 from galr.container import ContainerReader, ContainerWriter
 from galr.errors import InputError, UnavailableError
+from galr.runtime.backends.base import BackendUnavailableError
 from galr.runtime.index.searchers.exact import SEARCH_DEVICES, merge_top_k, top_k_block
 from galr.runtime.index.vectors import STORAGE_DTYPES, checked_storage
 
@@ -135,6 +143,19 @@ def faiss_module() -> Any:
     return faiss
 
 
+#: Largest ``k`` (and ``nprobe``) FAISS's GPU search takes; wider searches stay on the CPU.
+GPU_MAX_K = 2048
+
+
+def faiss_gpu_missing(faiss: Any) -> str | None:
+    """Why FAISS cannot search on a GPU here (``None``: it can)."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        return "this FAISS is CPU-only (faiss-cpu); install a FAISS build with GPU support (faiss-gpu)"
+    if faiss.get_num_gpus() < 1:
+        return "FAISS sees no GPU"
+    return None
+
+
 def _positive(value: Any, name: str, *, upper: int | None = None, optional: bool = False) -> int | None:
     if value is None and optional:
         return None
@@ -224,6 +245,8 @@ class ApproximateSearcher:
         self._index: Any = None  # the FAISS structure, once trained
         self._keys = np.zeros(0, dtype=np.int64)
         self._pending: list[np.ndarray] = []  # vectors added before training, in key order of _keys
+        self._edits = 0  # bumped by every edit of the FAISS structure: keys the GPU copy
+        self._gpu: tuple[Any, int, Any, Any] | None = None  # (structure, edits, GPU resources, GPU copy)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -303,6 +326,7 @@ class ApproximateSearcher:
                 self._ready()  # bounded memory for big builds: the rest goes straight into the index
         else:
             self._index.add_with_ids(vectors, keys)
+        self._edits += 1
 
     def _trains_early(self) -> bool:
         """Whether the structure can be built from the waiting rows now (its settings do not depend on the total)."""
@@ -320,11 +344,13 @@ class ApproximateSearcher:
         index = self._ready()
         index.remove_ids(keys)
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(keys), self.dim), keys)
+        self._edits += 1
 
     def remove(self, keys: np.ndarray) -> None:
         keys = self._checked_present(keys)
         self._ready().remove_ids(keys)
         self._keys = self._keys[~np.isin(self._keys, keys)]
+        self._edits += 1
 
     # -- search -------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, *, device: str = "auto", allowed: np.ndarray | None = None,
@@ -332,11 +358,11 @@ class ApproximateSearcher:
         """Approximate top ``k`` per query; ``params`` are the kind's search settings (``nprobe``/``ef``).
 
         ``allowed`` (keys) restricts the search inside FAISS (an ID selector), so the answer is the
-        best ``k`` among the allowed rows. ``device`` is accepted for the seam's sake: FAISS searches
-        run on the CPU (faiss-gpu is not used yet).
+        best ``k`` among the allowed rows. ``device``: see the module docstring (GPU searches).
         """
         if device not in SEARCH_DEVICES:
             raise InputError(f"device must be one of {SEARCH_DEVICES}, got {device!r}")
+        self._check_device(device)
         selector = None
         if allowed is not None:
             allowed = np.asarray(allowed, np.int64)
@@ -350,7 +376,9 @@ class ApproximateSearcher:
         if allowed is not None:
             selector = self._faiss.IDSelectorBatch(allowed)
             search_params.sel = selector
-        scores, keys = self._ready().search(queries, k, params=search_params)
+        gpu = self._gpu_copy(device) if allowed is None and k <= GPU_MAX_K and \
+            getattr(search_params, "nprobe", 0) <= GPU_MAX_K else None
+        scores, keys = (gpu or self._ready()).search(queries, k, params=search_params)
         short = np.nonzero((keys < 0).any(axis=1))[0]
         if len(short):  # a probe found fewer than k rows: answer those queries exhaustively
             fuller = self._exhaustive_parameters()
@@ -362,6 +390,33 @@ class ApproximateSearcher:
         order = np.lexsort((keys, -scores), axis=-1)
         scores, keys = np.take_along_axis(scores, order, 1), np.take_along_axis(keys, order, 1)
         return scores.astype(np.float32, copy=False), keys.astype(np.int64, copy=False)
+
+    #: Whether FAISS has a GPU form of this kind.
+    _gpu_capable: ClassVar[bool] = True
+
+    def _check_device(self, device: str) -> None:
+        if device != "cuda":
+            return
+        reason = faiss_gpu_missing(self._faiss) if self._gpu_capable else "FAISS has no GPU form of HNSW"
+        if reason:
+            raise BackendUnavailableError(f"{self.kind} search on device='cuda' is not possible: {reason}; "
+                                          "use device='cpu'")
+
+    def _gpu_cloner_options(self) -> Any:
+        return None
+
+    def _gpu_copy(self, device: str) -> Any:
+        """FAISS's GPU copy of the structure, current with every edit (``None``: search on the CPU)."""
+        if device == "cpu" or not self._gpu_capable or faiss_gpu_missing(self._faiss):
+            return None
+        index = self._ready()
+        if self._gpu is None or self._gpu[0] is not index or self._gpu[1] != self._edits:
+            resources = self._faiss.StandardGpuResources()
+            options = self._gpu_cloner_options()
+            copy = self._faiss.index_cpu_to_gpu(resources, 0, index, options) if options is not None else \
+                self._faiss.index_cpu_to_gpu(resources, 0, index)
+            self._gpu = (index, self._edits, resources, copy)
+        return self._gpu[3]
 
     def _exact(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         best_scores = np.zeros((len(queries), 0), np.float32)
@@ -535,8 +590,13 @@ class IvfPqSearcher(IvfSearcher):
     def _structure_class(self) -> type:
         return self._faiss.IndexIVFPQ
 
+    def _gpu_cloner_options(self) -> Any:
+        options = self._faiss.GpuClonerOptions()
+        options.useFloat16 = True  # FAISS's GPU IVF-PQ needs float16 lookup tables past m = 48 at 8 bits
+        return options
+
     # -- exact re-ranking from vectors kept beside the codes ------------------------------------
-    _exact: ExactRows | None = None  # rows in the order of _keys (storage dtype; on disk when large)
+    _exact_store: ExactRows | None = None  # rows in the order of _keys (storage dtype; on disk when large)
     _lookup: tuple[np.ndarray, np.ndarray] | None = None  # sorted keys, and their rows
 
     def _rows_of(self, keys: np.ndarray) -> np.ndarray:
@@ -550,9 +610,9 @@ class IvfPqSearcher(IvfSearcher):
         return order[places]
 
     def _exact_rows(self) -> ExactRows:
-        if self._exact is None:
-            self._exact = ExactRows(self.dim, STORAGE_DTYPES[self.storage])
-        return self._exact
+        if self._exact_store is None:
+            self._exact_store = ExactRows(self.dim, STORAGE_DTYPES[self.storage])
+        return self._exact_store
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         super().add(keys, vectors)
@@ -569,7 +629,7 @@ class IvfPqSearcher(IvfSearcher):
         keep = ~np.isin(self._keys, np.asarray(keys, np.int64).reshape(-1))
         super().remove(keys)
         if self.settings.rerank:
-            self._exact, self._lookup = self._exact_rows().kept(keep), None
+            self._exact_store, self._lookup = self._exact_rows().kept(keep), None
 
     def reconstruct(self, keys: np.ndarray) -> np.ndarray:
         """The exact vectors when they are kept (``rerank``), else the PQ reconstructions."""
@@ -620,7 +680,7 @@ class IvfPqSearcher(IvfSearcher):
         searcher = super().load(reader, entries, prefix, dim=dim, storage=storage, count=count, params=params)
         if searcher.settings.rerank:
             # Memory-mapped: the exact vectors stay on disk; a query reads only its candidates' rows.
-            searcher._exact = ExactRows(dim, STORAGE_DTYPES[storage], reader.read_array(
+            searcher._exact_store = ExactRows(dim, STORAGE_DTYPES[storage], reader.read_array(
                 prefix + EXACT_MEMBER, entries[prefix + EXACT_MEMBER], STORAGE_DTYPES[storage], (count, dim),
                 mapped=True))
         return searcher
@@ -639,6 +699,7 @@ class HnswSearcher(ApproximateSearcher):
     kind = "hnsw"
     _settings_class = HnswSettings
     _search_names = frozenset({"ef"})
+    _gpu_capable = False
 
     def _trains_early(self) -> bool:
         return True  # nothing to train: rows go straight into the graph
@@ -686,5 +747,5 @@ def _positions(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
     return order[np.searchsorted(haystack, needles, sorter=order)]
 
 
-__all__ = ["ApproximateSearcher", "ExactRows", "HnswSearcher", "HnswSettings", "IvfPqSearcher", "IvfSearcher", "IvfSettings",
-           "faiss_module"]
+__all__ = ["GPU_MAX_K", "ApproximateSearcher", "ExactRows", "HnswSearcher", "HnswSettings", "IvfPqSearcher", "IvfSearcher", "IvfSettings",
+           "faiss_gpu_missing", "faiss_module"]
