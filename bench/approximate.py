@@ -50,7 +50,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from galr.bench.harness import peak_bytes, resident_bytes
+from galr.bench.harness import peak_bytes, resident_bytes, resident_parts
 from galr.clock import utc_now
 
 BLOCK_ROWS = 65536
@@ -222,8 +222,11 @@ def _search_child(spec_path: Path) -> dict[str, Any]:
                                                      params=spec["params"])
     opened_s, opened = time.perf_counter() - began, resident_bytes()
     rows = _time_searches(searcher, np.load(spec["queries"]), np.load(spec["truth"]), spec["grid"], spec["k"])
+    parts = resident_parts()
     return {"open_s": round(opened_s, 1), "resident_mb_before_open": round(before / 2**20),
             "resident_mb_opened": round(opened / 2**20), "resident_mb_after_searches": round(resident_bytes() / 2**20),
+            "anon_mb_after_searches": round((parts["anon"] or 0) / 2**20),
+            "file_mb_after_searches": round((parts["file"] or 0) / 2**20),
             "peak_mb": round(peak_bytes() / 2**20), "search": rows}
 
 
@@ -327,7 +330,8 @@ def markdown(results: dict[str, Any]) -> str:
                   "re-rank rows memory-mapped, so they stay on disk); that process runs the queries. *In memory*: "
                   "the FAISS structure per vector; *on disk*: the exact rows kept for re-ranking (fp16); *RSS "
                   "opened / after*: the searching process's resident memory once the searcher is open and after "
-                  "all its queries (mapped pages it touched included).", "",
+                  "all its queries, the latter split into its own memory and the mapped file pages it touched "
+                  "(page cache the kernel drops under pressure; every setting's queries read different rows).", "",
                   "| vectors | searcher | build s | B/vector in memory | B/vector on disk | open s | RSS opened / "
                   "after MB | setting | recall@10 | p50 ms | p95 ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     else:
@@ -338,8 +342,12 @@ def markdown(results: dict[str, Any]) -> str:
             for row in entry["search"]:
                 cells = [model, kind, entry["build_s"], entry["bytes_per_vector"]]
                 if opened:
+                    after = entry.get("resident_mb_after_searches", "")
+                    if "anon_mb_after_searches" in entry:
+                        after = f"{after} ({entry['anon_mb_after_searches']} own + {entry['file_mb_after_searches']} " \
+                                "mapped)"
                     cells += [entry.get("disk_bytes_per_vector", 0), entry.get("open_s", ""),
-                              f"{entry.get('resident_mb_opened', '')} / {entry.get('resident_mb_after_searches', '')}"]
+                              f"{entry.get('resident_mb_opened', '')} / {after}"]
                 else:
                     cells.append(entry["resident_delta_mb"])
                 cells += [_setting(row), row["recall_at_10"], row["p50_ms"], row["p95_ms"]]

@@ -400,6 +400,12 @@ def _status_bytes(field: str) -> int | None:
     return None
 
 
+def resident_parts() -> dict[str, int | None]:
+    """This process's resident memory by kind: ``anon`` (its own) and ``file`` (mapped file pages the
+    kernel may drop under pressure, e.g. a memory-mapped index member), in bytes."""
+    return {"anon": _status_bytes("RssAnon"), "file": _status_bytes("RssFile")}
+
+
 def resident_bytes() -> int | None:
     """This process's resident memory now, in bytes (``None`` off Linux)."""
     return _status_bytes("VmRSS")
