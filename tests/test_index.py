@@ -655,3 +655,8 @@ def test_a_mapped_index_still_checks_every_member(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(InputError, match="vectors.npy"):  # zip's CRC or our SHA-256, whichever reads it first
         load_index(path, mapped=True)
+
+
+def test_approximate_search_settings_on_an_exact_index_are_refused_clearly():
+    with pytest.raises(InputError, match=r"searched exactly: \['nprobe'\] apply to ivf"):
+        make_index(5).search(random_unit(1), 2, nprobe=3)

@@ -261,3 +261,6 @@ def test_an_approximate_index_answers_like_the_exact_one_when_it_probes_everythi
     result = CliRunner().invoke(run_main, [str(deployment["queries"]), "--engine", str(deployment["bundle"]),
                                            "--index", str(path), "--nprobe", "99", "--backend", "onnxruntime"])
     assert result.exit_code == 2 and "nprobe must be between 1 and 3" in result.output
+    result = CliRunner().invoke(run_main, [str(deployment["queries"]), "--engine", str(deployment["bundle"]),
+                                           "--index", str(path), "--exact-rerank", "4", "--backend", "onnxruntime"])
+    assert result.exit_code == 2 and "the ivf searcher takes ['nprobe'], not ['rerank']" in result.output

@@ -91,6 +91,9 @@ def test_text_search_answers_like_the_retriever(served, deployment):  # noqa: F8
                 assert [h["id"] for h in result["hits"]] == [h.id for h in want.hits]
                 np.testing.assert_allclose([h["rerank_score"] for h in result["hits"]],
                                            [h.rerank_score for h in want.hits], atol=1e-6)
+    for setting in ({"nprobe": 4}, {"exact_rerank": 3}):  # approximate-search settings on an exact index
+        answer = client.post("/v1/search/text", json={"queries": queries, **setting})
+        assert answer.status_code == 400 and "searched exactly" in answer.json()["error"]["message"], answer.text
 
 
 def test_concurrent_requests_share_encoder_batches_and_get_their_own_top_k(served):

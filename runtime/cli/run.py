@@ -78,6 +78,9 @@ def _report_warnings(caught: list, lines: list) -> None:
               help="ivf/ivfpq indexes: lists scanned per query (more: better recall, slower)  [default: the index's]")
 @click.option("--ef", type=click.IntRange(min=1), default=None,
               help="hnsw indexes: search beam width (more: better recall, slower)  [default: the index's]")
+@click.option("--exact-rerank", type=click.IntRange(min=0, max=1000), default=None, metavar="R",
+              help="ivfpq indexes built with rerank: re-score R x k PQ candidates with the exact vectors kept on "
+                   "disk (more: better recall, slower; 0: PQ scores only)  [default: the index's]")
 @click.option("--bbox", default=None, metavar="W,S,E,N",
               help="Only tiles whose footprint meets this WGS84 box (degrees), searched inside the index.")
 @click.option("--since", default=None, metavar="DATE", help="Only tiles of scenes acquired on or after DATE (YYYY-MM-DD).")
@@ -90,7 +93,7 @@ def _report_warnings(caught: list, lines: list) -> None:
               help="Also write a self-contained HTML contact sheet with thumbnails.")
 def main(query_file, bundle, index_path, top_k, rerank, mode, detections, detector, no_detector, backend, device,
          precision, mr_k,
-         wp1, wp2, nprobe, ef, bbox, since, until, json_path, geojson_path, html_path) -> None:
+         wp1, wp2, nprobe, ef, exact_rerank, bbox, since, until, json_path, geojson_path, html_path) -> None:
     """Search the gallery for every query in QUERY_FILE (one per line) and show the best images."""
     from galr.retrieval.rerank import MIN_CANDIDATES
     from galr.runtime.report.table import format_results
@@ -114,7 +117,8 @@ def main(query_file, bundle, index_path, top_k, rerank, mode, detections, detect
                                 "image path per line)")
     config = RerankConfig(k=max(mr_k, MIN_CANDIDATES), wp1=wp1, wp2=wp2)
     start = time.perf_counter()
-    search_params = {name: value for name, value in (("nprobe", nprobe), ("ef", ef)) if value is not None}
+    search_params = {name: value for name, value in (("nprobe", nprobe), ("ef", ef), ("rerank", exact_rerank))
+                     if value is not None}
     retriever = Retriever.open(bundle, index_path, backend=backend, device=device, precision=precision, rerank=config,
                                search_params=search_params)
     load_ms = (time.perf_counter() - start) * 1e3

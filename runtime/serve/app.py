@@ -62,6 +62,8 @@ class TextSearchRequest(BaseModel):
     rerank: bool = Field(True, description="Multivariate rerank (needs the index's text bank).")
     nprobe: int | None = Field(None, ge=1, description="ivf/ivfpq indexes: lists scanned per query.")
     ef: int | None = Field(None, ge=1, description="hnsw indexes: search beam width.")
+    exact_rerank: int | None = Field(None, ge=0, le=1000, description="ivfpq indexes built with rerank: PQ "
+                                     "candidates re-scored with the exact vectors, as a multiple of top_k (0: none).")
     bbox: list[float] | None = Field(None, min_length=4, max_length=4,
                                      description="Only tiles whose footprint meets [west, south, east, north] (WGS84).")
     since: str | None = Field(None, description="Only tiles of scenes acquired on or after this date (YYYY-MM-DD).")
@@ -345,8 +347,8 @@ def create_app(settings: ServeSettings, *, encoders: Any = None, reload_on_sighu
         if body.top_k > settings.max_top_k:
             raise InputError(f"top_k is {body.top_k}; at most {settings.max_top_k}")
         queries = checked_queries(body.queries)
-        search: dict[str, Any] = {name: value for name, value in (("nprobe", body.nprobe), ("ef", body.ef))
-                                  if value is not None}
+        search: dict[str, Any] = {name: value for name, value in (("nprobe", body.nprobe), ("ef", body.ef),
+                                                                  ("rerank", body.exact_rerank)) if value is not None}
         where = PlaceFilter.from_text(",".join(map(str, body.bbox)) if body.bbox else None, body.since, body.until)
         if where is not None:
             search["where"] = where

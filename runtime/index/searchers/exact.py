@@ -262,12 +262,18 @@ class ExactSearcher:
             yield xp, start, device_queries @ block.T
 
     def search(self, queries: np.ndarray, k: int, *, device: str = "auto", block_rows: int | None = None,
-               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               allowed: np.ndarray | None = None, **params: Any) -> tuple[np.ndarray, np.ndarray]:
         """Exact top ``k`` per query (ties by gallery order); ``block_rows`` stored rows are scored at a time.
 
         ``allowed`` (keys) restricts the search to those rows inside the scan: the result is the true
         top ``k`` among them (fewer when fewer are allowed), not a filtered top ``k`` of everything.
+
+        Raises:
+            InputError: approximate-search settings (``nprobe``, ``ef``, ``rerank``) given to exact search.
         """
+        if params:
+            raise InputError(f"this index is searched exactly: {sorted(params)} apply to ivf, ivfpq and hnsw "
+                             "indexes only (build one with galr-index --search, or leave the setting out)")
         usable = None if allowed is None else np.isin(self._keys[: self._size], np.asarray(allowed, np.int64))
         k = min(int(k), self._size if usable is None else int(usable.sum()))
         if k == 0:
