@@ -353,3 +353,19 @@ def test_ivfpq_answers_a_query_its_probes_cannot_fill_exhaustively(rerank):
     searcher, vectors = filled("ivfpq", rows=1200, nprobe=1, **({"rerank": rerank} if rerank else {}))
     scores, keys = searcher.search(clustered(2, seed=8), 1200)
     assert keys.shape == (2, 1200) and sorted(keys[0].tolist()) == list(range(100, 1300))
+
+
+def test_a_new_index_sizes_its_ivf_lists_for_the_images_announced_and_trains_early():
+    from galr.runtime.index import new_index
+
+    class Model:
+        model_hash, embed_dim = "m", DIM
+
+    index = new_index(Model(), 10_000, searcher="ivf")
+    assert index.images.settings.nlist == 100  # sqrt(10,000), so training need not wait for the last image
+    vectors = clustered(10_000)
+    index.add([ImageRecord(f"{n}", f"/{n}.png", 1, 1) for n in range(5000)], vectors[:5000])
+    assert not index.images.trained  # 5,000 < 64 x 100 rows of sample
+    index.add([ImageRecord(f"{n}", f"/{n}.png", 1, 1) for n in range(5000, 10_000)], vectors[5000:])
+    assert index.images.trained and len(index) == 10_000 and not index.images._pending
+    assert new_index(Model(), 4000, searcher="ivf", searcher_params={"nlist": 5}).images.settings.nlist == 5

@@ -229,11 +229,19 @@ def new_index(encoders: Any, count: int, storage: str = "fp32", root: str | os.P
               searcher: str = "auto", searcher_params: Mapping[str, Any] | None = None) -> GalleryIndex:
     """An empty index for ``encoders``' model, its searcher chosen for about ``count`` images.
 
+    An IVF searcher without an ``nlist`` gets the one that suits ``count``, so it trains as soon as
+    its sample has arrived and a large build never holds all its vectors in memory waiting.
+
     Raises:
         InputError: an unknown ``storage``, searcher kind or searcher setting.
     """
+    from galr.runtime.index.searchers.approximate import default_nlist
+
     checked_storage(storage)
     kind = resolve_searcher_kind(searcher, count)
+    searcher_params = dict(searcher_params or {})
+    if kind in ("ivf", "ivfpq") and searcher_params.get("nlist") is None and count > 0:
+        searcher_params["nlist"] = default_nlist(count)
     info = getattr(encoders, "info", None)
     return GalleryIndex(encoders.model_hash, encoders.embed_dim, storage, built_with=getattr(info, "bundle", None),
                         image_root=os.path.abspath(root) if root is not None else None,

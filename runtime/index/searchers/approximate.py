@@ -156,6 +156,11 @@ def faiss_gpu_missing(faiss: Any) -> str | None:
     return None
 
 
+def default_nlist(rows: int) -> int:
+    """IVF lists for ``rows`` vectors: ``sqrt(rows)``, at most ``rows / 39`` (39 training rows each)."""
+    return max(1, min(int(math.sqrt(max(rows, 1))), rows // 39))
+
+
 def _positive(value: Any, name: str, *, upper: int | None = None, optional: bool = False) -> int | None:
     if value is None and optional:
         return None
@@ -516,7 +521,7 @@ class IvfSearcher(ApproximateSearcher):
     def _nlist(self, rows: int) -> int:
         if self.settings.nlist is not None:
             return self.settings.nlist
-        return max(1, min(int(math.sqrt(max(rows, 1))), rows // 39))
+        return default_nlist(rows)
 
     def _trains_early(self) -> bool:
         nlist = self.settings.nlist
@@ -748,4 +753,4 @@ def _positions(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["GPU_MAX_K", "ApproximateSearcher", "ExactRows", "HnswSearcher", "HnswSettings", "IvfPqSearcher", "IvfSearcher", "IvfSettings",
-           "faiss_gpu_missing", "faiss_module"]
+           "default_nlist", "faiss_gpu_missing", "faiss_module"]
