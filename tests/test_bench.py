@@ -426,3 +426,41 @@ def test_int8_cpu_costs_count_one_byte_per_int8_weight():
     assert costs["text"].weight_bytes - int8["text"].weight_bytes == 3 * (3 * h * e + 3 * h * h)
     assert int8["local"] == costs["local"] and int8["search"] == costs["search"]
     assert int8["end-to-end"].flops_per_item == costs["end-to-end"].flops_per_item
+
+
+def test_the_load_generators_http_client_keeps_alive_and_reads_by_content_length():
+    import http.server
+    import threading
+
+    from galr.bench.serve import _Connection
+
+    class Echo(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive
+
+        def do_POST(self):  # noqa: N802 - the handler API's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            answer = b"seen:" + body * 3000  # long enough to arrive in several reads
+            self.send_response(200 if body != b"bad" else 503)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        connection = _Connection(server.server_address[1], timeout=5)
+        first_socket = None
+        for body in (b"one", b"two", b"bad"):
+            status, answer = connection.post("/x", body)
+            assert answer == b"seen:" + body * 3000 and status == (503 if body == b"bad" else 200)
+            first_socket = first_socket or connection._socket
+            assert connection._socket is first_socket  # one connection for all three
+        connection.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(OSError):
+        _Connection(server.server_address[1], timeout=1).post("/x", b"gone")
