@@ -398,3 +398,31 @@ def test_each_result_carries_its_own_notices(served):
     notices = [answer["results"][0]["notices"] for answer in answers]
     assert notices[0] == [] and notices[2] == []
     assert len(notices[1]) == 1 and notices[1][0].startswith("query ('zzzz qqqq')") and "vocabulary" in notices[1][0]
+
+
+def test_encoder_threads_and_spinning_reach_onnx_runtime_and_ray_replicas_take_their_cpus(deployment, monkeypatch,
+                                                                                            tmp_path):  # noqa: F811
+    import galr.runtime.encoders as encoders_module
+    from galr.runtime.serve.ray import RaySettings, replica_settings
+
+    asked = []
+
+    def load_engine(bundle, **kwargs):
+        asked.append(kwargs["options"][0])
+        return deployment["engine"]
+
+    monkeypatch.setattr(encoders_module, "load_engine", load_engine)
+    index = tmp_path / "served.gidx"
+    shutil.copy(deployment["index"], index)
+    settings = ServeSettings(bundle=deployment["bundle"], index=index, encoder_threads=1, encoder_spinning=False)
+    client = started(create_app(settings))
+    try:
+        assert client.post("/v1/search/text", json={"queries": ["plane"]}).status_code == 200
+    finally:
+        client.__exit__(None, None, None)
+    assert (asked[0].intra_op_threads, asked[0].allow_spinning) == (1, False)
+    for cpus, threads in ((0.5, 1), (1.0, 1), (4.0, 4)):
+        replica = replica_settings(settings, RaySettings(cpus_per_replica=cpus))
+        assert (replica.encoder_threads, replica.encoder_spinning) == (threads, False)
+    with pytest.raises(InputError, match="encoder_threads"):
+        ServeSettings(encoder_threads=-1)

@@ -104,12 +104,16 @@ class Service:
 
     def load(self) -> None:
         """Load the engine (unless given) and the index, then warm up (blocking)."""
+        from galr.runtime.backends.onnxruntime import OnnxRuntimeOptions
         from galr.runtime.encoders import load_engine
 
         try:
             if self.encoders is None:
+                options = OnnxRuntimeOptions(intra_op_threads=self.settings.encoder_threads,
+                                             allow_spinning=self.settings.encoder_spinning)
                 self.encoders = load_engine(self.settings.bundle, backend=self.settings.backend,
-                                            device=self.settings.device, precision=self.settings.precision)
+                                            device=self.settings.device, precision=self.settings.precision,
+                                            options=[options])
             from galr.runtime.detector import choose_detector
 
             self.detector, line = choose_detector(self.settings.detector, getattr(self.encoders, "bundle", None),

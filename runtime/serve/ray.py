@@ -16,6 +16,7 @@ its pages instead of holding a copy each. Ray replaces a replica that dies or fa
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,8 @@ class RaySettings:
         address: a running cluster's GCS address (``HOST:PORT``); ``None`` starts Ray on this machine.
         replicas: copies of the service (each loads the engine once).
         cpus_per_replica: CPUs Ray reserves per replica (Ray's default of 1 can leave replicas unplaced
-            on small machines; a replica uses what ONNX Runtime's threads take anyway).
+            on small machines). A replica runs ONNX Runtime on that many threads (at least one), without
+            spinning, so replicas and Ray's proxy on one node share its cores instead of fighting.
         batch_wait_s: how long Ray's batching waits for company (``max_batch`` from the serve settings).
         health_check_period_s: how often Ray asks each replica whether it is healthy.
     """
@@ -62,6 +64,12 @@ def require_ray() -> Any:
     except ImportError:
         raise UnavailableError(f"galr-serve --ray needs Ray Serve: {INSTALL_HINT}") from None
     return ray
+
+
+def replica_settings(settings: ServeSettings, ray_settings: RaySettings) -> ServeSettings:
+    """What one replica runs with: ONNX Runtime on the CPUs Ray reserved for it (at least one), not spinning."""
+    return dataclasses.replace(settings, encoder_spinning=False,
+                               encoder_threads=max(1, round(ray_settings.cpus_per_replica)))
 
 
 def galr_application(settings: ServeSettings, ray_settings: RaySettings) -> Any:
@@ -100,7 +108,7 @@ def galr_application(settings: ServeSettings, ray_settings: RaySettings) -> Any:
             if failure:
                 raise RuntimeError(f"galr replica could not load: {failure}")
 
-    return GalrReplica.bind(settings)
+    return GalrReplica.bind(replica_settings(settings, ray_settings))
 
 
 def serve_on_ray(settings: ServeSettings, ray_settings: RaySettings, *, block: bool = True,

@@ -45,6 +45,10 @@ class ServeSettings:
         detector: an Ultralytics oriented-box detector ONNX run on every uploaded image for the
             DREA input (``None``: the bundle's own detector when it has one, else the all-zero fallback).
         use_bundled_detector: run the bundle's detector (``galr-export --detector``) when ``detector`` is ``None``.
+        encoder_threads: ONNX Runtime threads per operator (0: one per core). Ray replicas take the
+            CPUs Ray reserved for them, so replicas sharing a node do not fight over its cores.
+        encoder_spinning: whether ONNX Runtime's threads spin after their work (``None``: its default,
+            on). The service's HTTP handling shares the cores with them (see BENCHMARKS.md section 8).
     """
 
     bundle: Path = Path(paths.DEFAULT_BUNDLE)
@@ -67,6 +71,8 @@ class ServeSettings:
     warmup: bool = True
     detector: Path | None = None
     use_bundled_detector: bool = True
+    encoder_threads: int = 0
+    encoder_spinning: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bundle", Path(self.bundle))
@@ -78,6 +84,9 @@ class ServeSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.encoder_threads, bool) or not isinstance(self.encoder_threads, int) or \
+                self.encoder_threads < 0:
+            raise InputError(f"encoder_threads must be 0 (one per core) or more, got {self.encoder_threads!r}")
         if not 0 <= self.max_wait_ms <= 1000:
             raise InputError(f"max_wait_ms must be between 0 and 1000, got {self.max_wait_ms}")
         if self.request_timeout_s <= 0:
