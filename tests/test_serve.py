@@ -400,8 +400,8 @@ def test_each_result_carries_its_own_notices(served):
     assert len(notices[1]) == 1 and notices[1][0].startswith("query ('zzzz qqqq')") and "vocabulary" in notices[1][0]
 
 
-def test_encoder_threads_and_spinning_reach_onnx_runtime_and_ray_replicas_take_their_cpus(deployment, monkeypatch,
-                                                                                            tmp_path):  # noqa: F811
+def test_encoder_threads_and_spinning_reach_onnx_runtime_and_ray_replicas_take_their_cpus(
+        deployment, monkeypatch, tmp_path):  # noqa: F811
     import galr.runtime.encoders as encoders_module
     from galr.runtime.serve.ray import RaySettings, replica_settings
 
