@@ -352,7 +352,15 @@ def markdown(results: dict[str, Any]) -> str:
                     cells.append(entry["resident_delta_mb"])
                 cells += [_setting(row), row["recall_at_10"], row["p50_ms"], row["p95_ms"]]
                 lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
-    lines.append(f"\nPeak resident memory of the run: {results['peak_mb']} MB.")
+    if opened:
+        lines.append("")
+        lines += [f"Build of {model} {kind}: {entry['build_s']} s (generation of the vectors included), the "
+                  f"building process grew by {entry['resident_delta_mb']:,} MB; writing its members took "
+                  f"{entry.get('save_s', '?')} s; FAISS settings {entry['settings']}."
+                  for model, kinds in results["models"].items() for kind, entry in kinds.items()]
+    lines.append(f"\nPeak resident memory of the run: {results['peak_mb']} MB" +
+                 (" (mapped file pages included: saving streams the re-rank rows, spilled to a temporary file "
+                  "while building, through a memory map)." if opened else "."))
     split = results.get("test_split")
     if split:
         lines += ["", f"MR on the approximate short list: mR on a test split of {split['images']} images and "
