@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -55,6 +55,11 @@ class Hit:
     rerank_score: float | None = None
     record: dict[str, Any] | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types; the record is a copy (its nested values are shared)."""
+        return {"rank": self.rank, "id": self.id, "score": self.score, "rerank_score": self.rerank_score,
+                "record": None if self.record is None else dict(self.record)}
+
 
 @dataclass(frozen=True)
 class QueryResult:
@@ -67,7 +72,9 @@ class QueryResult:
     notices: list[str] = field(default_factory=list)  # what a caller should know (the service fills it)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON types (written out: ``dataclasses.asdict`` deep-copies every record, a service's hot path)."""
+        return {"query": self.query, "hits": [hit.to_dict() for hit in self.hits], "reranked": self.reranked,
+                "timings_ms": dict(self.timings_ms), "notices": list(self.notices)}
 
     def truncated(self, top_k: int) -> "QueryResult":
         """The same result with its first ``top_k`` hits (a shorter search gives exactly these)."""

@@ -264,3 +264,18 @@ def test_an_approximate_index_answers_like_the_exact_one_when_it_probes_everythi
     result = CliRunner().invoke(run_main, [str(deployment["queries"]), "--engine", str(deployment["bundle"]),
                                            "--index", str(path), "--exact-rerank", "4", "--backend", "onnxruntime"])
     assert result.exit_code == 2 and "the ivf searcher takes ['nprobe'], not ['rerank']" in result.output
+
+
+def test_a_result_as_json_is_what_dataclasses_would_give_and_a_copy():
+    import dataclasses
+
+    from galr.runtime.retriever import Hit, QueryResult
+
+    record = {"path": "/x.png", "footprint": [[1, 2], [3, 4]], "tags": {"port": True}}
+    result = QueryResult("ships", [Hit(0, "x.png", 0.9, 0.5, record), Hit(1, "y.png", 0.8)], True, {"encode": 1.5},
+                         ["a notice"])
+    data = result.to_dict()
+    assert data == dataclasses.asdict(result)
+    data["hits"][0]["record"].pop("path")
+    data["notices"].append("more")
+    assert "path" in result.hits[0].record and result.notices == ["a notice"]

@@ -91,3 +91,20 @@ def test_the_tokenizer_does_not_pull_scipy_stats_in_but_leaves_it_importable():
             "try:\n    import scipy.stats\n    print('importable')\nexcept ImportError:\n    print('no scipy')\n")
     lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert lines[:3] == ["['two',", "'planes']", "False"] and lines[3] in ("importable", "no")
+
+
+def test_recent_captions_are_tokenised_once_and_the_memory_stays_bounded(monkeypatch):
+    from galr.preprocess import text
+
+    calls = []
+    real = text.tokenize
+    monkeypatch.setattr(text, "tokenize", lambda caption: calls.append(caption) or real(caption))
+    tok = Tokenizer(Vocabulary.from_words(["two", "planes", "ships"]))
+    first = tok.encode("Two planes.")
+    first.append(99)  # the caller's list is its own
+    assert tok.encode("Two planes.") == [1, 2] and calls == ["Two planes."]
+    monkeypatch.setattr(Tokenizer, "RECENT_CAPTIONS", 3)
+    for caption in ("ships", "two", "planes", "two ships"):
+        tok.encode(caption)
+    assert len(tok._recent) <= 3
+    assert tok.encode_batch(["two ships", "ships"]).tokens.tolist() == [[1, 3], [3, 0]]

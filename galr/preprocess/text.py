@@ -198,6 +198,12 @@ class Tokenizer:
         self.vocab = vocab
         self.max_length = max_length
         self.max_chars = max_chars
+        # A service checks each query when it arrives and encodes it again in its batch: the second
+        # tokenisation (NLTK's regular expressions, the costly part) comes from here.
+        self._recent: dict[str, tuple[int, ...]] = {}
+
+    #: Captions whose token ids :meth:`encode` remembers (the memory is emptied when full).
+    RECENT_CAPTIONS = 4096
 
     def warm_up(self) -> None:
         """Load NLTK now rather than inside the first caption's encoding, e.g. when a server
@@ -206,7 +212,13 @@ class Tokenizer:
 
     def encode(self, caption: str) -> list[int]:
         """Token ids of one caption's first ``max_chars`` characters, without padding or truncation."""
-        return self.vocab.encode_tokens(tokenize(caption[: self.max_chars]))
+        ids = self._recent.get(caption)
+        if ids is None:
+            ids = tuple(self.vocab.encode_tokens(tokenize(caption[: self.max_chars])))
+            if len(self._recent) >= self.RECENT_CAPTIONS:
+                self._recent.clear()
+            self._recent[caption] = ids
+        return list(ids)
 
     def encode_batch(self, captions: Sequence[str], warn: bool = True) -> EncodedCaptions:
         """Encode and right-pad with 0 to the longest caption (at most ``max_length``).

@@ -64,6 +64,14 @@ def _api_key(path: Path | None) -> str | None:
               help="Queries waiting at most; beyond, requests get 503 with Retry-After.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds before a request gets 504.")
+@click.option("--threads", "encoder_threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="ONNX Runtime threads per operator (0: one per core).")
+@click.option("--spin/--no-spin", "encoder_spinning", default=None,
+              help="Whether ONNX Runtime's threads spin after their work  [default: ONNX Runtime's, on]. "
+                   "--no-spin leaves the cores to the HTTP handling between batches.")
+@click.option("--access-log", is_flag=True,
+              help="Log one line per request (off by default: at hundreds of requests a second the log lines cost "
+                   "the event loop more than the metrics at /metrics, which count every request anyway).")
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allow this browser origin (repeat); none by default.")
 @click.option("--detector", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="An Ultralytics oriented-box detector ONNX run on every uploaded image for the DREA input.")
@@ -78,7 +86,7 @@ def _api_key(path: Path | None) -> str | None:
               help="--ray: CPUs Ray reserves for each replica.")
 def main(bundle: Path, index_path: Path, host: str, port: int, api_key_file: Path | None, backend: str, device: str,
          precision: str, max_batch: int, max_wait_ms: float, max_queue: int, timeout_s: float,
-         cors_origins: tuple[str, ...], detector: Path | None, no_detector: bool, on_ray: bool, address: str | None,
+         encoder_threads: int, encoder_spinning: bool | None, access_log: bool, cors_origins: tuple[str, ...], detector: Path | None, no_detector: bool, on_ray: bool, address: str | None,
          replicas: int, replica_cpus: float) -> None:
     """Serve text and image search over HTTP (JSON API under /v1, search page at /, OpenAPI at /docs)."""
     try:
@@ -93,7 +101,8 @@ def main(bundle: Path, index_path: Path, host: str, port: int, api_key_file: Pat
     settings = ServeSettings(bundle=bundle, index=index_path, host=host, port=port, api_key=_api_key(api_key_file),
                              backend=backend, device=device, precision=precision, max_batch_queries=max_batch,
                              max_wait_ms=max_wait_ms, max_queued_queries=max_queue, request_timeout_s=timeout_s,
-                             cors_origins=cors_origins, detector=detector, use_bundled_detector=not no_detector)
+                             cors_origins=cors_origins, detector=detector, use_bundled_detector=not no_detector,
+                             encoder_threads=encoder_threads, encoder_spinning=encoder_spinning)
     from galr.preprocess.drea import NoDetectionsWarning
 
     # Uploaded images come without detections: the fallback is documented, not worth a line per request.
@@ -109,7 +118,7 @@ def main(bundle: Path, index_path: Path, host: str, port: int, api_key_file: Pat
         raise click.UsageError("--address names a Ray cluster: add --ray")
     click.echo(f"galr-serve: http://{host}:{port}/ (API under /v1, OpenAPI at /docs)")
     uvicorn.run(create_app(settings, reload_on_sighup=True), host=host, port=port, log_level="info",
-                timeout_graceful_shutdown=10)
+                access_log=access_log, timeout_graceful_shutdown=10)
 
 
 __all__ = ["main"]

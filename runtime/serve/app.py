@@ -192,6 +192,52 @@ def _public(result: Any) -> dict[str, Any]:
     return data
 
 
+class LimitsAndMetrics:
+    """Body-size limits and per-route request metrics, as a plain ASGI middleware.
+
+    Plain ASGI because Starlette's ``@app.middleware("http")`` runs every request in a task group and
+    streams every response through a copy: measurable event-loop time per request in a service whose
+    event loop shares two cores with the encoder.
+    """
+
+    def __init__(self, app: Any, *, max_body_bytes: int, metrics: "Metrics") -> None:
+        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began = time.perf_counter()
+        status = 500  # unless the application starts a response
+
+        async def send_noting_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope) if scope["method"] == "POST" else None
+            if refusal is not None:
+                await refusal(scope, receive, send_noting_status)
+            else:
+                await self.app(scope, receive, send_noting_status)
+        finally:
+            name = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(name, str(status)).inc()
+            self.metrics.latency.labels(name).observe(time.perf_counter() - began)
+
+    def _refusal(self, scope: dict) -> JSONResponse | None:
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is None and b"transfer-encoding" in headers:  # a streamed body of unknown size
+            return _error_response(self.metrics, 411, "LengthRequired", "send the body with a Content-Length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            return _error_response(self.metrics, 413, "PayloadTooLarge",
+                                   f"the body may hold at most {self.max_body_bytes} bytes")
+        return None
+
+
 def _error_response(metrics: Metrics, status: int, kind: str, message: str,
                     headers: dict[str, str] | None = None) -> JSONResponse:
     metrics.errors.labels(kind).inc()
@@ -252,25 +298,7 @@ def create_app(settings: ServeSettings, *, encoders: Any = None, reload_on_sighu
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
 
-    @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next):
-        began = time.perf_counter()
-        length = request.headers.get("content-length")
-        if request.method == "POST":
-            if length is None and "transfer-encoding" in request.headers:  # a streamed body of unknown size
-                response = _error_response(metrics, 411, "LengthRequired", "send the body with a Content-Length")
-            elif length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-                response = _error_response(metrics, 413, "PayloadTooLarge",
-                                           f"the body may hold at most {settings.max_body_bytes} bytes")
-            else:
-                response = await call_next(request)
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        metrics.requests.labels(name, str(response.status_code)).inc()
-        metrics.latency.labels(name).observe(time.perf_counter() - began)
-        return response
+    app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes, metrics=metrics)
 
     @app.exception_handler(GalrError)
     async def galr_error(_: Request, exc: GalrError) -> JSONResponse:
@@ -287,7 +315,7 @@ def create_app(settings: ServeSettings, *, encoders: Any = None, reload_on_sighu
         log.exception("unexpected error")
         return _error_response(metrics, 500, type(exc).__name__, "internal error; see the service log")
 
-    def authorised(request: Request) -> None:
+    async def authorised(request: Request) -> None:  # async: FastAPI runs plain functions on a thread pool
         if settings.api_key is None:
             return
         given = request.headers.get("authorization", "")
