@@ -502,7 +502,7 @@ def _serve(section: Mapping[str, Any]) -> str:
              _number(row["p50_ms"]), _number(row["p95_ms"]), _number(row["p99_ms"]),
              _number(row["p99_over_p50"]), _number(row["mean_batch"]), row["errors"])
             for row in section["rows"]]
-    parts = [_serve_intro(settings, reference), _table(
+    parts = [_serve_intro(settings, reference, section.get("reference_before_after")), _table(
         ("clients", "requests", "queries/s", "of the encoder alone", "p50 ms", "p95 ms", "p99 ms", "p99/p50",
          "mean batch", "errors"), rows)]
     ray = section.get("ray") or {}
@@ -533,13 +533,15 @@ def _serve(section: Mapping[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def _serve_intro(settings: Mapping[str, Any], reference: float) -> str:
+def _serve_intro(settings: Mapping[str, Any], reference: float, before_after: list[float] | None) -> str:
+    when = (f"the mean of {_number(before_after[0])} before the server started and {_number(before_after[1])} "
+            "after it stopped" if before_after else "same process, before the server started")
     return "".join([
         f"`galr-serve` on 127.0.0.1 (ONNX Runtime FP32, the benchmark model) over {settings['gallery']:,} "
         f"embeddings (exact search, MR {'on' if settings['rerank'] else 'off'}, top 10); each client sends "
         f"{settings['requests_per_client']} one-query searches in turn on a kept-alive connection. Reference: "
         f"the text encoder alone at batch {settings['reference_batch']}, {_number(reference)} queries/s "
-        "(same process, before the server started). Client and server share the machine's cores.",
+        f"({when}). Client and server share the machine's cores.",
     ])
 
 

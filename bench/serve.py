@@ -9,8 +9,8 @@ client count: queries/s over the wall time, latency p50/p95/p99 and p99/p50, err
 encoder batch the service formed (from its ``/metrics``).
 
 The reference is the text encoder's own throughput at batch ``reference_batch`` in this process
-(``Encoders.encode_text``, no HTTP, no search), measured before the server starts so the two never
-share the cores. Dynamic batching works when the service at many clients gets close to it.
+(``Encoders.encode_text``, no HTTP, no search), measured before the server starts and again after it
+stopped (the mean of the two), so the two never share the cores. Dynamic batching works when the service at many clients gets close to it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class ServeBenchSettings:
     """Sizes of the serving benchmark (see the module docstring)."""
 
     clients: tuple[int, ...] = (1, 8, 32)
-    requests_per_client: int = 40
+    requests_per_client: int = 80
     gallery: int = 10_000
     text_bank: int = 1_000
     rerank: bool = False
@@ -191,19 +191,20 @@ def measure_clients(port: int, clients: int, queries: list[str], settings: Serve
             else None}
 
 
-def reference_throughput(bench: Any, queries: list[str], batch: int) -> float:
-    """The text encoder's own queries/s at ``batch`` (median of 5 runs), in this process."""
+def reference_throughput(bench: Any, queries: list[str], batch: int, runs: int = 15) -> float:
+    """The text encoder's own queries/s at ``batch`` (median of ``runs`` batches of different queries),
+    in this process."""
     from galr.runtime.encoders import load_engine
 
     with load_engine(bench.bundle, backend="onnxruntime", device="cpu", precision="fp32") as encoders:
-        block = queries[:batch]
-        encoders.encode_text(block)  # warm-up
-        runs = []
-        for _ in range(5):
+        encoders.encode_text(queries[:batch])  # warm-up
+        rates = []
+        for number in range(runs):
+            block = [queries[(number * batch + i) % len(queries)] for i in range(batch)]
             began = time.perf_counter()
             encoders.encode_text(block)
-            runs.append(len(block) / (time.perf_counter() - began))
-    return float(np.median(runs))
+            rates.append(len(block) / (time.perf_counter() - began))
+    return float(np.median(rates))
 
 
 def _resident_bytes(pid: int) -> int | None:
@@ -320,7 +321,7 @@ def run_serve_benchmarks(bench: Any | None, settings: ServeBenchSettings, log: L
     total = max(settings.clients) * settings.requests_per_client
     queries = synthetic_queries(bench.vocab, max(total, settings.reference_batch), 16, settings.seed)
     log(f"serve: text encoder alone at batch {settings.reference_batch}")
-    reference = reference_throughput(bench, queries, settings.reference_batch)
+    reference_before = reference_throughput(bench, queries, settings.reference_batch)
     with tempfile.TemporaryDirectory(prefix="galr-bench-serve-") as work:
         index = write_random_index(bench, Path(work), settings.gallery, settings.text_bank, settings.seed)
         port = _free_port()
@@ -342,8 +343,13 @@ def run_serve_benchmarks(bench: Any | None, settings: ServeBenchSettings, log: L
             return not_run(f"{exc}: {(process.stderr.read() if process.poll() is not None else '')[-300:]}")
         finally:
             _stop(process)
+        # Again once the service has stopped: this machine's speed drifts by several per cent over
+        # minutes, so the reference is the mean of the two.
+        reference_after = reference_throughput(bench, queries, settings.reference_batch)
         ray_row = measure_ray(bench, index, queries, settings, log)
-    return {"status": STATUS_OK, "settings": settings.to_dict(), "reference_queries_per_s": reference,
+    return {"status": STATUS_OK, "settings": settings.to_dict(),
+            "reference_queries_per_s": (reference_before + reference_after) / 2,
+            "reference_before_after": [reference_before, reference_after],
             "rows": rows, "ray": ray_row, "soak": soak, "seconds": round(elapsed(), 1)}
 
 
