@@ -383,7 +383,7 @@ class ApproximateSearcher:
             search_params.sel = selector
         gpu = self._gpu_copy(device) if allowed is None and k <= GPU_MAX_K and \
             getattr(search_params, "nprobe", 0) <= GPU_MAX_K else None
-        scores, keys = (gpu or self._ready()).search(queries, k, params=search_params)
+        scores, keys = (gpu if gpu is not None else self._ready()).search(queries, k, params=search_params)
         short = np.nonzero((keys < 0).any(axis=1))[0]
         if len(short):  # a probe found fewer than k rows: answer those queries exhaustively
             fuller = self._exhaustive_parameters()
