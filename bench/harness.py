@@ -389,10 +389,11 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _status_bytes(field: str) -> int | None:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes, or ``None`` off Linux."""
+def _status_bytes(field: str, process: int | str = "self") -> int | None:
+    """A ``/proc/<process>/status`` memory field (``VmRSS``, ``VmHWM``) in bytes, or ``None`` off Linux
+    (or when the process is gone)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{process}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
@@ -406,9 +407,9 @@ def resident_parts() -> dict[str, int | None]:
     return {"anon": _status_bytes("RssAnon"), "file": _status_bytes("RssFile")}
 
 
-def resident_bytes() -> int | None:
-    """This process's resident memory now, in bytes (``None`` off Linux)."""
-    return _status_bytes("VmRSS")
+def resident_bytes(pid: int | None = None) -> int | None:
+    """The resident memory now of this process (or of process ``pid``), in bytes (``None`` off Linux)."""
+    return _status_bytes("VmRSS", "self" if pid is None else pid)
 
 
 def peak_bytes() -> int:

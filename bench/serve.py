@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from galr.bench.harness import STATUS_OK, Log, not_run, stopwatch
+from galr.bench.harness import STATUS_OK, Log, not_run, resident_bytes, stopwatch
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,8 @@ class _Connection:
 
     The generator shares the machine's cores with the service it measures, so its own cost per request
     is kept small: the request bytes are built once per query, and the response is read by its
-    ``Content-Length`` alone (no header parsing beyond the status line), about a tenth of
-    ``http.client``'s work per request.
+    ``Content-Length`` alone (the status line and that one header are all it parses), about a
+    tenth of ``http.client``'s work per request.
     """
 
     def __init__(self, port: int, timeout: float) -> None:
@@ -207,17 +207,6 @@ def reference_throughput(bench: Any, queries: list[str], batch: int, runs: int =
     return float(np.median(rates))
 
 
-def _resident_bytes(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def measure_soak(port: int, pid: int, queries: list[str], settings: ServeBenchSettings, log: Log) -> dict[str, Any]:
     """Steady load for ``soak_minutes``: ``soak_clients`` clients searching back to back; the server's
     resident memory sampled every ``soak_sample_s``. Memory is flat when the fitted slope after the first
@@ -237,7 +226,7 @@ def measure_soak(port: int, pid: int, queries: list[str], settings: ServeBenchSe
     for thread in threads:
         thread.start()
     while time.monotonic() < deadline:
-        resident = _resident_bytes(pid)
+        resident = resident_bytes(pid)
         if resident is not None:
             samples.append((time.monotonic() - began, resident))
         time.sleep(min(settings.soak_sample_s, max(0.0, deadline - time.monotonic())))

@@ -60,7 +60,7 @@ def test_reranked_pq_saves_maps_its_exact_rows_and_edits_them(tmp_path):
 
 
 def test_exact_rows_past_the_spill_size_live_in_a_temporary_file_and_answer_alike(monkeypatch):
-    from galr.runtime.index.searchers import approximate
+    from galr.runtime.index.searchers import exact_rows
 
     vectors = _vectors(4000, seed=2)
     keys = np.arange(4000, dtype=np.int64)
@@ -69,7 +69,7 @@ def test_exact_rows_past_the_spill_size_live_in_a_temporary_file_and_answer_alik
     spilled = create_searcher("ivfpq", DIM, "fp16", m=4, nprobe=8, nlist=16, rerank=5)
     for start in range(0, 4000, 500):
         in_memory.add(keys[start:start + 500], vectors[start:start + 500])
-    monkeypatch.setattr(approximate, "SPILL_BYTES", 100 * DIM * 2)  # spills after 100 rows
+    monkeypatch.setattr(exact_rows, "SPILL_BYTES", 100 * DIM * 2)  # spills after 100 rows
     for start in range(0, 4000, 500):
         spilled.add(keys[start:start + 500], vectors[start:start + 500])
     assert spilled._exact_store._file is not None and in_memory._exact_store._file is None

@@ -36,9 +36,8 @@ metric, kind, count) when read.
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import asdict, dataclass, replace
-from typing import IO, Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
@@ -46,6 +45,7 @@ from galr.container import ContainerReader, ContainerWriter
 from galr.errors import InputError, UnavailableError
 from galr.runtime.backends.base import BackendUnavailableError
 from galr.runtime.index.searchers.exact import SEARCH_DEVICES, merge_top_k, top_k_block
+from galr.runtime.index.searchers.exact_rows import ExactRows
 from galr.runtime.index.vectors import STORAGE_DTYPES, checked_storage
 
 KEYS_MEMBER, FAISS_MEMBER = "keys.npy", "faiss.index"
@@ -54,79 +54,7 @@ EXACT_MEMBER = "exact.npy"  # ivfpq with rerank: the exact vectors, in the order
 MAX_EF = 32768
 #: Rows reconstructed and scored at a time by :meth:`ApproximateSearcher.scores` and the exact fallback.
 SCORE_BLOCK_ROWS = 65536
-#: Exact re-rank rows (``ivfpq`` with ``rerank``) held in memory while building; beyond this they
-#: move to a temporary file (``TMPDIR``), so a 10^7 build keeps only the PQ codes in memory.
-SPILL_BYTES = 256 << 20
 _SEED = 1234
-
-
-class ExactRows:
-    """The exact vectors an ``ivfpq`` searcher keeps for re-ranking, one row per key, in key order.
-
-    Rows are appended while building: in memory up to :data:`SPILL_BYTES`, then in an unnamed
-    temporary file read through a memory map. An index read from a ``.gidx`` hands over a read-only
-    memory map of its member (the rows stay on disk); editing such rows first copies them, block by
-    block, into a store of their own. Reading ``rows`` touches only those rows' pages.
-    """
-
-    def __init__(self, dim: int, dtype: Any, rows: np.ndarray | None = None) -> None:
-        self.dim, self.dtype = int(dim), np.dtype(dtype)
-        self._memory = np.zeros((0, self.dim), self.dtype) if rows is None else rows
-        self._file: IO[bytes] | None = None
-        self._count = len(self._memory)
-        self._mapped: np.ndarray | None = None  # memory map of _file, for _count rows
-
-    def __len__(self) -> int:
-        return self._count
-
-    def append(self, rows: np.ndarray) -> None:
-        rows = np.ascontiguousarray(rows, dtype=self.dtype).reshape(-1, self.dim)
-        if self._file is None and not self._memory.flags.writeable:
-            self._take_ownership()
-        if self._file is None and (self._count + len(rows)) * self.dim * self.dtype.itemsize <= SPILL_BYTES:
-            self._memory = np.concatenate([self._memory, rows])
-        else:
-            if self._file is None:
-                self._file = tempfile.TemporaryFile(prefix="galr-exact-rows-")
-                self._file.write(np.ascontiguousarray(self._memory).tobytes())
-                self._memory = np.zeros((0, self.dim), self.dtype)
-            self._file.seek(0, 2)
-            self._file.write(rows.tobytes())
-            self._file.flush()
-            self._mapped = None
-        self._count += len(rows)
-
-    def array(self) -> np.ndarray:
-        """All rows ``[len, dim]`` in the storage dtype (a memory map once spilled or read from a file)."""
-        if self._file is None:
-            return self._memory
-        if self._mapped is None:
-            self._mapped = np.memmap(self._file, dtype=self.dtype, mode="r+", shape=(self._count, self.dim)) \
-                if self._count else np.zeros((0, self.dim), self.dtype)
-        return self._mapped
-
-    def rows(self, positions: np.ndarray) -> np.ndarray:
-        """The rows at ``positions`` as float32."""
-        return self.array()[positions].astype(np.float32)
-
-    def _take_ownership(self) -> None:
-        """Copy read-only rows (a memory-mapped ``.gidx`` member) into a store that may be edited."""
-        source, self._memory, self._count = self._memory, np.zeros((0, self.dim), self.dtype), 0
-        for start in range(0, len(source), SCORE_BLOCK_ROWS):
-            self.append(source[start:start + SCORE_BLOCK_ROWS])
-
-    def replace(self, positions: np.ndarray, values: np.ndarray) -> None:
-        if self._file is None and not self._memory.flags.writeable:
-            self._take_ownership()
-        self.array()[positions] = np.asarray(values, dtype=self.dtype).reshape(-1, self.dim)
-
-    def kept(self, keep: np.ndarray) -> "ExactRows":
-        """A new store with the rows where ``keep`` is true (block by block: bounded memory)."""
-        kept = ExactRows(self.dim, self.dtype)
-        source = self.array()
-        for start in range(0, len(source), SCORE_BLOCK_ROWS):
-            kept.append(source[start:start + SCORE_BLOCK_ROWS][keep[start:start + SCORE_BLOCK_ROWS]])
-        return kept
 
 
 def faiss_module() -> Any:
