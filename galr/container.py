@@ -23,6 +23,7 @@ import hashlib
 import json
 import re
 import struct
+import time
 import tokenize
 import zipfile
 import zlib
@@ -44,6 +45,13 @@ ZIP_ERRORS: tuple[type[BaseException], ...] = (
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ENCRYPTED_FLAG = 0x1
+
+#: Where an array member's data starts in the file: a multiple of this many bytes. A memory map of
+#: a misaligned float32 array is not "aligned" to numpy, which then multiplies it without BLAS
+#: (about x5 slower for an exact search of a mapped index).
+ARRAY_ALIGNMENT = 64
+#: The zip extra field that pads a local header to an alignment (the ID Android's zipalign uses).
+_PADDING_EXTRA_ID = 0xD935
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -300,12 +308,13 @@ class ContainerWriter:
         self.path = Path(path)
         self.entries: dict[str, dict[str, Any]] = {}
         self._output: Any = None
+        self._handle: BinaryIO | None = None
         self._zip: zipfile.ZipFile | None = None
 
     def __enter__(self) -> "ContainerWriter":
         self._output = atomic_output(self.path)
-        handle = self._output.__enter__()
-        self._zip = zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._handle = self._output.__enter__()
+        self._zip = zipfile.ZipFile(self._handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> bool | None:
@@ -318,12 +327,29 @@ class ContainerWriter:
         return self._output.__exit__(exc_type, exc, traceback)
 
     @contextmanager
-    def open(self, name: str) -> Iterator[BinaryIO]:
-        """Stream one member; its hash and size land in :attr:`entries`."""
-        with self._zip.open(name, "w", force_zip64=True) as member:
+    def open(self, name: str, align: int = 1) -> Iterator[BinaryIO]:
+        """Stream one member; its hash and size land in :attr:`entries`.
+
+        ``align``: the member's first byte lands on a multiple of this in the file (its local
+        header is padded with an extra field that zip readers skip).
+        """
+        with self._zip.open(self._aligned_info(name, align), "w", force_zip64=True) as member:
             writer = _HashingWriter(member)
             yield writer  # type: ignore[misc]
         self.entries[name] = {"sha256": writer.sha256.hexdigest(), "size": writer.size}
+
+    def _aligned_info(self, name: str, align: int) -> zipfile.ZipInfo:
+        """A stored member's zip entry whose data will start on a multiple of ``align``."""
+        info = zipfile.ZipInfo(name, date_time=time.localtime()[:6])
+        info.compress_type = zipfile.ZIP_STORED
+        info.CRC = info.compress_size = 0  # placeholders (zipfile rewrites both), so the header can be sized
+        if align > 1:
+            data_start = self._handle.tell() + len(info.FileHeader(zip64=True))
+            padding = -data_start % align
+            if padding:
+                padding += align if padding < 4 else 0  # an extra field is at least its 4-byte heading
+                info.extra = struct.pack("<HH", _PADDING_EXTRA_ID, padding - 4) + bytes(padding - 4)
+        return info
 
     def write_bytes(self, name: str, data: bytes) -> dict[str, Any]:
         """Store a member given as bytes; returns its table entry."""
@@ -333,7 +359,8 @@ class ContainerWriter:
 
     def write_array(self, name: str, array: np.ndarray) -> dict[str, Any]:
         """Store an array as ``.npy`` (streamed, never pickled); returns its table entry."""
-        with self.open(name) as stream:
+        # The .npy header pads itself to a multiple of 64 bytes, so aligned member = aligned data.
+        with self.open(name, align=ARRAY_ALIGNMENT) as stream:
             npy_format.write_array(stream, np.ascontiguousarray(array), allow_pickle=False)
         return self.entries[name]
 
@@ -358,6 +385,7 @@ def _describe(exc: BaseException) -> str:
 
 
 __all__ = [
+    "ARRAY_ALIGNMENT",
     "ZIP_ERRORS",
     "ContainerReader",
     "ContainerWriter",
