@@ -41,6 +41,38 @@ def test_clitics_hyphens_digits_and_punctuation():
     assert not set(tokenize(" ".join(PUNCTUATION))) & set(PUNCTUATION)
 
 
+TRICKY_CAPTIONS = [
+    "It's a \"big\" plane -- isn't it?", "(two) [ships] {near} 3.5km, e.g. ports...", "don't cannot gonna 'tis wanna",
+    "«quotes» “curly” ‘single’ — dash…", "a.b.c. mr. smith's boat; ok! end.", "``so'' he said: x&y @ 10% $5 #3 a/b",
+]
+
+
+def _stock_tokens(caption: str) -> list[str]:
+    from nltk.tokenize import NLTKWordTokenizer
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    stock = NLTKWordTokenizer()  # its class patterns, with NLTK's own time limit
+    tokens = [t for sentence in PunktSentenceTokenizer().tokenize(caption.lower()) for t in stock.tokenize(sentence)]
+    return [t for t in tokens if t not in PUNCTUATION]
+
+
+def test_the_untimed_word_tokenizer_gives_stock_nltk_tokens():
+    from nltk.tokenize import NLTKWordTokenizer
+
+    from galr.preprocess.text import _nltk_tokenizers
+
+    ours = _nltk_tokenizers()[1]
+    assert ours.STARTING_QUOTES is not NLTKWordTokenizer.STARTING_QUOTES  # the class itself is untouched
+    for caption in TRICKY_CAPTIONS:
+        assert tokenize(caption) == _stock_tokens(caption), caption
+
+
+@pytest.mark.parametrize("dataset", ["rsitmd", "rsicd"])
+def test_the_untimed_word_tokenizer_gives_stock_nltk_tokens_on_the_shared_captions(shared_data, dataset):
+    captions = (shared_data / dataset / "test_caps.txt").read_text(encoding="utf-8").splitlines()
+    assert [tokenize(c) for c in captions] == [_stock_tokens(c) for c in captions]
+
+
 def test_padding_truncation_and_warning():
     vocab = Vocabulary.from_words(["a", "b", "c"])
     tok = Tokenizer(vocab, max_length=2)
