@@ -17,6 +17,7 @@ index opened with ``mapped=True`` is copied into memory by its first CPU search.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from types import ModuleType
 from typing import Any, Iterator, Mapping
 
@@ -69,6 +70,22 @@ def _faiss_fp16_rows(faiss: ModuleType, capacity: int, dim: int) -> tuple[Any, n
     return index, view
 
 
+@lru_cache(maxsize=1)
+def _search_gpu() -> tuple[ModuleType | None, str]:
+    """CuPy when it sees a GPU, else why not; probed once per process (a failed ``import cupy`` is
+    not cached by Python and costs a path search on every query batch)."""
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return cupy, ""
+        return None, "CuPy sees no GPU"
+    except ImportError:
+        return None, "CuPy is not installed (pip install 'galr[gpu]')"
+    except Exception as exc:  # CUDA driver errors come in many types
+        return None, f"CuPy cannot reach a GPU ({exc})"
+
+
 def array_module(device: str) -> ModuleType:
     """numpy or cupy for a search device; ``auto`` takes CuPy only when it sees a GPU.
 
@@ -80,16 +97,9 @@ def array_module(device: str) -> ModuleType:
         raise InputError(f"device must be one of {SEARCH_DEVICES}, got {device!r}")
     if device == "cpu":
         return np
-    try:
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return cupy
-        reason = "CuPy sees no GPU"
-    except ImportError:
-        reason = "CuPy is not installed (pip install 'galr[gpu]')"
-    except Exception as exc:  # CUDA driver errors come in many types
-        reason = f"CuPy cannot reach a GPU ({exc})"
+    cupy, reason = _search_gpu()
+    if cupy is not None:
+        return cupy
     if device == "cuda":
         raise BackendUnavailableError(f"search on device='cuda' is not possible: {reason}; use device='cpu'")
     return np
@@ -339,6 +349,8 @@ class ExactSearcher:
     def scores(self, queries: np.ndarray, *, device: str = "auto", block_rows: int | None = None) -> np.ndarray:
         out = np.empty((len(queries), self._size), dtype=np.float32)
         for _, start, scores in self._score_blocks(queries, device, block_rows):
+            if scores.shape[1] == self._size:  # one block holds every row: it is the answer (no copy)
+                return to_host(scores)
             out[:, start : start + scores.shape[1]] = to_host(scores)
         return out
 
