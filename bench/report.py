@@ -505,6 +505,11 @@ def _serve(section: Mapping[str, Any]) -> str:
     parts = [_serve_intro(settings, reference, section.get("reference_before_after")), _table(
         ("clients", "requests", "queries/s", "of the encoder alone", "p50 ms", "p95 ms", "p99 ms", "p99/p50",
          "mean batch", "errors"), rows)]
+    spinning = section.get("spinning") or {}
+    if spinning.get("status") == STATUS_OK:
+        parts.append(_spinning(spinning["rows"], section["rows"], reference))
+    elif spinning:
+        parts.append(f"ONNX Runtime spinning: {_not_run(spinning)}")
     ray = section.get("ray") or {}
     if ray.get("status") == STATUS_OK:
         row = ray["row"]
@@ -533,11 +538,28 @@ def _serve(section: Mapping[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def _spinning(rows: list[Mapping[str, Any]], default_rows: list[Mapping[str, Any]], reference: float) -> str:
+    """The ``--spin`` runs beside the same client counts of the table (galr-serve's default, not spinning)."""
+    default = {row["clients"]: row for row in default_rows}
+
+    def cells(row: Mapping[str, Any] | None) -> tuple[str, str, str]:
+        if row is None or not row["queries_per_s"]:
+            return "-", "-", "-"
+        return (_number(row["queries_per_s"]), f"{100 * row['queries_per_s'] / reference:.0f} %",
+                _number(row["p50_ms"]))
+
+    table = _table(("clients", "not spinning: queries/s", "of the encoder alone", "p50 ms", "spinning: queries/s",
+                    "of the encoder alone", "p50 ms", "errors (spinning)"),
+                   [(row["clients"], *cells(default.get(row["clients"])), *cells(row), row["errors"]) for row in rows])
+    return ("**ONNX Runtime's threads spinning** after their work (`galr-serve --spin`, ONNX Runtime's own default) "
+            "against galr-serve's default (`--no-spin`, the table above), run right after it:\n\n" + table)
+
+
 def _serve_intro(settings: Mapping[str, Any], reference: float, before_after: list[float] | None) -> str:
     when = (f"the mean of {_number(before_after[0])} before the server started and {_number(before_after[1])} "
             "after it stopped" if before_after else "same process, before the server started")
     return "".join([
-        f"`galr-serve` on 127.0.0.1 (ONNX Runtime FP32, the benchmark model) over {settings['gallery']:,} "
+        f"`galr-serve` on 127.0.0.1 (its defaults; ONNX Runtime FP32, the benchmark model) over {settings['gallery']:,} "
         f"embeddings (exact search, MR {'on' if settings['rerank'] else 'off'}, top 10); each client sends "
         f"{settings['requests_per_client']} one-query searches in turn on a kept-alive connection. Reference: "
         f"the text encoder alone at batch {settings['reference_batch']}, {_number(reference)} queries/s "

@@ -6,11 +6,14 @@ each send ``requests_per_client`` searches of one query (top 10, MR as set), one
 a kept-alive connection (a minimal HTTP client: the generator shares the cores it measures); every
 request has a timeout and the load stops by itself. Reported per
 client count: queries/s over the wall time, latency p50/p95/p99 and p99/p50, errors, and the mean
-encoder batch the service formed (from its ``/metrics``).
+encoder batch the service formed (from its ``/metrics``). The service runs with its defaults; the
+fewest and the most clients are run again against ``galr-serve --spin`` (ONNX Runtime's threads
+spinning after their work, its own default) for comparison.
 
 The reference is the text encoder's own throughput at batch ``reference_batch`` in this process
 (``Encoders.encode_text``, no HTTP, no search), measured before the server starts and again after it
-stopped (the mean of the two), so the two never share the cores. Dynamic batching works when the service at many clients gets close to it.
+stopped (the mean of the two), so the two never share the cores. Dynamic batching works when the
+service at many clients gets close to it.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class ServeBenchSettings:
     max_wait_ms: float = 20.0
     timeout_s: float = 30.0
     ray_replicas: int = 2
+    compare_spinning: bool = True
     soak_minutes: float = 0.0
     soak_clients: int = 8
     soak_sample_s: float = 10.0
@@ -265,6 +269,39 @@ def _stop(process: subprocess.Popen, interrupt: bool = False) -> None:
         process.wait()
 
 
+def _start_service(bench: Any, index: Path, settings: ServeBenchSettings, *flags: str) -> tuple[subprocess.Popen, int]:
+    """A ``galr-serve`` process on a free loopback port (FP32 ONNX Runtime on the CPU) and its port."""
+    port = _free_port()
+    command = [sys.executable, "-c", _SERVE, "--engine", str(bench.bundle), "--index", str(index), "--port", str(port),
+               "--backend", "onnxruntime", "--device", "cpu", "--precision", "fp32", "--max-batch",
+               str(settings.reference_batch), "--max-wait-ms", str(settings.max_wait_ms), *flags]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), port
+
+
+def _stderr_tail(process: subprocess.Popen) -> str:
+    return (process.stderr.read() if process.poll() is not None else "")[-300:]
+
+
+def measure_spinning(bench: Any, index: Path, queries: list[str], settings: ServeBenchSettings, log: Log
+                     ) -> dict[str, Any]:
+    """The fewest and the most clients against ``galr-serve --spin`` (ONNX Runtime's threads spinning
+    after their work, its own default), to compare with the service's default (not spinning)."""
+    if not settings.compare_spinning:
+        return not_run("not asked for (compare_spinning is off)")
+    process, port = _start_service(bench, index, settings, "--spin")
+    try:
+        _wait_ready(port, process)
+        rows = []
+        for clients in sorted({min(settings.clients), max(settings.clients)}):
+            log(f"serve: {clients} client(s) x {settings.requests_per_client} requests, ONNX Runtime spinning")
+            rows.append(measure_clients(port, clients, queries, settings))
+    except RuntimeError as exc:
+        return not_run(f"{exc}: {_stderr_tail(process)}")
+    finally:
+        _stop(process)
+    return {"status": STATUS_OK, "rows": rows}
+
+
 def measure_ray(bench: Any, index: Path, queries: list[str], settings: ServeBenchSettings, log: Log
                 ) -> dict[str, Any]:
     """The largest client count against ``galr-serve --ray`` with ``ray_replicas`` replicas on this machine."""
@@ -275,20 +312,16 @@ def measure_ray(bench: Any, index: Path, queries: list[str], settings: ServeBenc
         from ray import serve  # noqa: F401
     except ImportError:
         return not_run("Ray Serve is not installed (pip install 'galr[ray]')")
-    port = _free_port()
-    command = [sys.executable, "-c", _SERVE, "--engine", str(bench.bundle), "--index", str(index), "--port", str(port),
-               "--backend", "onnxruntime", "--device", "cpu", "--precision", "fp32", "--max-batch",
-               str(settings.reference_batch), "--max-wait-ms", str(settings.max_wait_ms), "--ray", "--replicas",
-               str(settings.ray_replicas), "--replica-cpus", str(1.0 / settings.ray_replicas)]
     log(f"serve: galr-serve --ray with {settings.ray_replicas} replicas")
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process, port = _start_service(bench, index, settings, "--ray", "--replicas", str(settings.ray_replicas),
+                                   "--replica-cpus", str(1.0 / settings.ray_replicas))
     try:
         _wait_ready(port, process, limit_s=180)
         clients = max(settings.clients)
         log(f"serve: {clients} client(s) x {settings.requests_per_client} requests through Ray's proxy")
         row = measure_clients(port, clients, queries, settings)
     except RuntimeError as exc:
-        return not_run(f"{exc}: {(process.stderr.read() if process.poll() is not None else '')[-300:]}")
+        return not_run(f"{exc}: {_stderr_tail(process)}")
     finally:
         _stop(process, interrupt=True)
     return {"status": STATUS_OK, "replicas": settings.ray_replicas, "row": row}
@@ -313,11 +346,7 @@ def run_serve_benchmarks(bench: Any | None, settings: ServeBenchSettings, log: L
     reference_before = reference_throughput(bench, queries, settings.reference_batch)
     with tempfile.TemporaryDirectory(prefix="galr-bench-serve-") as work:
         index = write_random_index(bench, Path(work), settings.gallery, settings.text_bank, settings.seed)
-        port = _free_port()
-        command = [sys.executable, "-c", _SERVE, "--engine", str(bench.bundle), "--index", str(index), "--port",
-                   str(port), "--backend", "onnxruntime", "--device", "cpu", "--precision", "fp32",
-                   "--max-batch", str(settings.reference_batch), "--max-wait-ms", str(settings.max_wait_ms)]
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        process, port = _start_service(bench, index, settings)
         try:
             _wait_ready(port, process)
             rows = []
@@ -329,9 +358,10 @@ def run_serve_benchmarks(bench: Any | None, settings: ServeBenchSettings, log: L
                 log(f"serve: {settings.soak_minutes:g}-minute soak with {settings.soak_clients} clients")
                 soak = {"status": STATUS_OK, **measure_soak(port, process.pid, queries, settings, log)}
         except RuntimeError as exc:
-            return not_run(f"{exc}: {(process.stderr.read() if process.poll() is not None else '')[-300:]}")
+            return not_run(f"{exc}: {_stderr_tail(process)}")
         finally:
             _stop(process)
+        spinning = measure_spinning(bench, index, queries, settings, log)
         # Again once the service has stopped: this machine's speed drifts by several per cent over
         # minutes, so the reference is the mean of the two.
         reference_after = reference_throughput(bench, queries, settings.reference_batch)
@@ -339,7 +369,8 @@ def run_serve_benchmarks(bench: Any | None, settings: ServeBenchSettings, log: L
     return {"status": STATUS_OK, "settings": settings.to_dict(),
             "reference_queries_per_s": (reference_before + reference_after) / 2,
             "reference_before_after": [reference_before, reference_after],
-            "rows": rows, "ray": ray_row, "soak": soak, "seconds": round(elapsed(), 1)}
+            "rows": rows, "spinning": spinning, "ray": ray_row, "soak": soak, "seconds": round(elapsed(), 1)}
 
 
-__all__ = ["ServeBenchSettings", "measure_clients", "measure_ray", "measure_soak", "run_serve_benchmarks"]
+__all__ = ["ServeBenchSettings", "measure_clients", "measure_ray", "measure_soak", "measure_spinning",
+           "run_serve_benchmarks"]

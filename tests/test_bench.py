@@ -139,7 +139,12 @@ def test_serve_section_loads_a_real_service_on_loopback(quick_run):
         assert row["errors"] == 0 and row["ok"] == row["requests"] == 5 * row["clients"]
         assert row["p50_ms"] > 0 and row["mean_batch"] >= 1
     assert serve["reference_queries_per_s"] > 0
-    assert "## 8. Serving: galr-serve under concurrent clients" in quick_run[1].read_text()
+    spinning = serve["spinning"]  # the same service with ONNX Runtime spinning, fewest and most clients
+    assert [row["clients"] for row in spinning["rows"]] == [1, 4] and all(r["errors"] == 0 for r in spinning["rows"])
+    text = quick_run[1].read_text()
+    assert "## 8. Serving: galr-serve under concurrent clients" in text
+    assert "**ONNX Runtime's threads spinning** after their work (`galr-serve --spin`" in text
+    assert "| clients | not spinning: queries/s |" in text
 
 
 def test_bounds_run_each_case_in_its_own_process(quick_run):

@@ -269,13 +269,13 @@ def test_galr_serve_hands_its_settings_to_uvicorn_and_the_service(deployment, mo
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.append((app, kwargs)))
     common = ["--engine", str(deployment["bundle"]), "--index", str(deployment["index"])]
     assert CliRunner().invoke(serve_main, common).exit_code == 0
-    assert CliRunner().invoke(serve_main, [*common, "--access-log", "--threads", "1", "--no-spin"]).exit_code == 0
+    assert CliRunner().invoke(serve_main, [*common, "--access-log", "--threads", "1", "--spin"]).exit_code == 0
     (quiet_app, quiet), (_, logged) = started
     assert quiet["access_log"] is False and logged["access_log"] is True
     service = quiet_app.state.service.settings
-    assert (service.encoder_threads, service.encoder_spinning) == (0, None)
+    assert (service.encoder_threads, service.encoder_spinning) == (0, False)  # not spinning unless asked
     assert (started[1][0].state.service.settings.encoder_threads,
-            started[1][0].state.service.settings.encoder_spinning) == (1, False)
+            started[1][0].state.service.settings.encoder_spinning) == (1, True)
 
 
 # ---------------------------------------------------------------------------------------------

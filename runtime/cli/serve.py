@@ -66,9 +66,9 @@ def _api_key(path: Path | None) -> str | None:
               help="Seconds before a request gets 504.")
 @click.option("--threads", "encoder_threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="ONNX Runtime threads per operator (0: one per core).")
-@click.option("--spin/--no-spin", "encoder_spinning", default=None,
-              help="Whether ONNX Runtime's threads spin after their work  [default: ONNX Runtime's, on]. "
-                   "--no-spin leaves the cores to the HTTP handling between batches.")
+@click.option("--spin/--no-spin", "encoder_spinning", default=False,
+              help="Whether ONNX Runtime's threads spin after their work  [default: --no-spin, which leaves the "
+                   "cores to the search and the HTTP answers between batches].")
 @click.option("--access-log", is_flag=True,
               help="Log one line per request (off by default: at hundreds of requests a second the log lines cost "
                    "the event loop more than the metrics at /metrics, which count every request anyway).")

@@ -47,8 +47,10 @@ class ServeSettings:
         use_bundled_detector: run the bundle's detector (``galr-export --detector``) when ``detector`` is ``None``.
         encoder_threads: ONNX Runtime threads per operator (0: one per core). Ray replicas take the
             CPUs Ray reserved for them, so replicas sharing a node do not fight over its cores.
-        encoder_spinning: whether ONNX Runtime's threads spin after their work (``None``: its default,
-            on). The service's HTTP handling shares the cores with them (see BENCHMARKS.md section 8).
+        encoder_spinning: whether ONNX Runtime's threads spin after their work (``None``: ONNX
+            Runtime's default, on). Off by default here: right after each encoder batch the same cores
+            run the search and the HTTP answers, and spinning threads only take the cores from them
+            (BENCHMARKS.md section 8 compares both).
     """
 
     bundle: Path = Path(paths.DEFAULT_BUNDLE)
@@ -72,7 +74,7 @@ class ServeSettings:
     detector: Path | None = None
     use_bundled_detector: bool = True
     encoder_threads: int = 0
-    encoder_spinning: bool | None = None
+    encoder_spinning: bool | None = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bundle", Path(self.bundle))
