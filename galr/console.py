@@ -34,9 +34,16 @@ OPENBLAS_THREAD_TIMEOUT = "4"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
+def process_defaults() -> dict[str, str]:
+    """The environment defaults above, with the values the user set instead where they did: what
+    worker processes galr starts elsewhere (Ray actors) are given, since numpy reads them at import."""
+    return {"OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT)}
+
+
 def set_process_defaults() -> None:
     """Set the environment defaults above unless the user set them."""
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT)
+    for name, value in process_defaults().items():
+        os.environ.setdefault(name, value)
 
 
 def printable(text: object) -> str:

@@ -440,5 +440,17 @@ def test_encoder_threads_and_spinning_reach_onnx_runtime_and_ray_replicas_take_t
     for cpus, threads in ((0.5, 1), (1.0, 1), (4.0, 4)):
         replica = replica_settings(settings, RaySettings(cpus_per_replica=cpus))
         assert (replica.encoder_threads, replica.encoder_spinning) == (threads, False)
+
+
+def test_ray_replicas_get_their_cpus_and_galrs_process_defaults_in_their_environment(monkeypatch):
+    from galr.runtime.serve.ray import RaySettings, replica_actor_options
+
+    # A replica on another machine does not inherit this process's environment: numpy's OpenBLAS
+    # threads would spin after each search through the next encoder batch.
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    options = replica_actor_options(RaySettings(cpus_per_replica=0.5))
+    assert options == {"num_cpus": 0.5, "runtime_env": {"env_vars": {"OPENBLAS_THREAD_TIMEOUT": "4"}}}
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "1000")  # the user's own choice travels instead
+    assert replica_actor_options(RaySettings())["runtime_env"]["env_vars"] == {"OPENBLAS_THREAD_TIMEOUT": "1000"}
     with pytest.raises(InputError, match="encoder_threads"):
         ServeSettings(encoder_threads=-1)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from galr.atomic import write_bytes_atomically, write_text_atomically
+from galr.console import process_defaults
 from galr.errors import InputError, NotFoundError, UnavailableError
 from galr.runtime.index.build import SkippedImage, image_id, new_index
 from galr.runtime.index.records import ImageRecord
@@ -248,7 +249,7 @@ def _run_pending(ray: Any, shards: list[list[Path]], pending: list[int], folder:
         encoded = dataset.map_batches(
             ShardEncoder, batch_size=1, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=min(settings.workers, len(rows))),
-            num_cpus=settings.cpus_per_worker,
+            num_cpus=settings.cpus_per_worker, runtime_env={"env_vars": process_defaults()},
             fn_constructor_kwargs={"bundle": bundle, "folder": str(folder), "job": job, "backend": backend,
                                    "device": device, "precision": precision, "batch_size": settings.batch_size,
                                    "threads": max(1, round(settings.cpus_per_worker))})

@@ -20,6 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from galr.console import process_defaults
 from galr.errors import InputError, UnavailableError
 from galr.runtime.ray_cluster import check_address, check_address_form
 from galr.runtime.serve.settings import ServeSettings
@@ -72,6 +73,13 @@ def replica_settings(settings: ServeSettings, ray_settings: RaySettings) -> Serv
                                encoder_threads=max(1, round(ray_settings.cpus_per_replica)))
 
 
+def replica_actor_options(ray_settings: RaySettings) -> dict[str, Any]:
+    """Ray's options for a replica: its CPUs, and galr's process defaults in its environment (a worker
+    on another machine does not inherit this process's; without them OpenBLAS's threads spin after
+    every search through the next encoder batch)."""
+    return {"num_cpus": ray_settings.cpus_per_replica, "runtime_env": {"env_vars": process_defaults()}}
+
+
 def galr_application(settings: ServeSettings, ray_settings: RaySettings) -> Any:
     """The Ray Serve application (a bound deployment) of the service; see the module docstring."""
     require_ray()
@@ -80,7 +88,7 @@ def galr_application(settings: ServeSettings, ray_settings: RaySettings) -> Any:
     from galr.runtime.serve.app import create_app
     from galr.runtime.serve.batching import answer_together
 
-    @serve.deployment(num_replicas=ray_settings.replicas, ray_actor_options={"num_cpus": ray_settings.cpus_per_replica},
+    @serve.deployment(num_replicas=ray_settings.replicas, ray_actor_options=replica_actor_options(ray_settings),
                       health_check_period_s=ray_settings.health_check_period_s,
                       max_ongoing_requests=max(settings.max_batch_queries * 2, 16))
     @serve.ingress()
