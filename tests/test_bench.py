@@ -138,6 +138,8 @@ def test_serve_section_loads_a_real_service_on_loopback(quick_run):
     for row in serve["rows"]:
         assert row["errors"] == 0 and row["ok"] == row["requests"] == 5 * row["clients"]
         assert row["p50_ms"] > 0 and row["mean_batch"] >= 1
+        runs = row["runs_queries_per_s"]  # three runs; the row is the one of median throughput
+        assert len(runs) == 3 and row["queries_per_s"] == sorted(runs)[1]
     assert serve["reference_queries_per_s"] > 0
     spinning = serve["spinning"]  # the same service with ONNX Runtime spinning, fewest and most clients
     assert [row["clients"] for row in spinning["rows"]] == [1, 4] and all(r["errors"] == 0 for r in spinning["rows"])
@@ -469,3 +471,14 @@ def test_the_load_generators_http_client_keeps_alive_and_reads_by_content_length
         server.server_close()
     with pytest.raises(OSError):
         _Connection(server.server_address[1], timeout=1).post("/x", b"gone")
+
+
+def test_the_serve_benchmark_never_sends_a_query_twice():
+    from galr.bench.serve import QueryPool
+
+    # The service remembers recent queries' tokens: a repeated query would flatter the run sending it.
+    pool = QueryPool([f"q{n}" for n in range(10)])
+    first, second = pool.take(4), pool.take(4)
+    assert first == ["q0", "q1", "q2", "q3"] and second == ["q4", "q5", "q6", "q7"]
+    with pytest.raises(ValueError, match="used up"):
+        pool.take(3)
