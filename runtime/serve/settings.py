@@ -49,7 +49,7 @@ class ServeSettings:
             CPUs Ray reserved for them, so replicas sharing a node do not fight over its cores.
         encoder_spinning: whether ONNX Runtime's threads spin after their work (``None``: ONNX
             Runtime's default, on). Off by default here: right after each encoder batch the same cores
-            run the search and the HTTP answers, and spinning threads only take the cores from them
+            run the search and the HTTP answers, and spinning threads compete with them for the cores
             (BENCHMARKS.md section 8 compares both).
     """
 
