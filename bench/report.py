@@ -565,7 +565,8 @@ def _serve_intro(settings: Mapping[str, Any], reference: float, before_after: li
     when = (f"the mean of {_number(before_after[0])} before the server started and {_number(before_after[1])} "
             "after it stopped" if before_after else "same process, before the server started")
     return "".join([
-        f"`galr-serve` on 127.0.0.1 (its defaults; ONNX Runtime FP32, the benchmark model) over {settings['gallery']:,} "
+        "`galr-serve` on 127.0.0.1 (its defaults; ONNX Runtime FP32, the benchmark model) over "
+        f"{settings['gallery']:,} "
         f"embeddings (exact search, MR {'on' if settings['rerank'] else 'off'}, top 10); each client sends "
         f"{settings['requests_per_client']} one-query searches in turn on a kept-alive connection, never a query "
         f"sent before; each step runs {settings.get('repeats', 1)} times in a row and the table shows the run of "

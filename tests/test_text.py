@@ -43,7 +43,8 @@ def test_clitics_hyphens_digits_and_punctuation():
 
 TRICKY_CAPTIONS = [
     "It's a \"big\" plane -- isn't it?", "(two) [ships] {near} 3.5km, e.g. ports...", "don't cannot gonna 'tis wanna",
-    "«quotes» “curly” ‘single’ — dash…", "a.b.c. mr. smith's boat; ok! end.", "``so'' he said: x&y @ 10% $5 #3 a/b",
+    "«quotes» “curly” ‘single’ — dash…", "a.b.c. mr. smith's boat; ok! end.",
+    "``so'' he said: x&y @ 10% $5 #3 a/b",
 ]
 
 
