@@ -86,7 +86,8 @@ def _api_key(path: Path | None) -> str | None:
               help="--ray: CPUs Ray reserves for each replica.")
 def main(bundle: Path, index_path: Path, host: str, port: int, api_key_file: Path | None, backend: str, device: str,
          precision: str, max_batch: int, max_wait_ms: float, max_queue: int, timeout_s: float,
-         encoder_threads: int, encoder_spinning: bool | None, access_log: bool, cors_origins: tuple[str, ...], detector: Path | None, no_detector: bool, on_ray: bool, address: str | None,
+         encoder_threads: int, encoder_spinning: bool | None, access_log: bool, cors_origins: tuple[str, ...],
+         detector: Path | None, no_detector: bool, on_ray: bool, address: str | None,
          replicas: int, replica_cpus: float) -> None:
     """Serve text and image search over HTTP (JSON API under /v1, search page at /, OpenAPI at /docs)."""
     try:

@@ -296,15 +296,21 @@ class ApproximateSearcher:
         if device not in SEARCH_DEVICES:
             raise InputError(f"device must be one of {SEARCH_DEVICES}, got {device!r}")
         self._check_device(device)
-        selector = None
         if allowed is not None:
             allowed = np.asarray(allowed, np.int64)
-            allowed = allowed[np.isin(allowed, self._keys)]
+            allowed = allowed[np.isin(allowed, self._keys)]  # once per search: the keys that are here
         k = min(int(k), len(self) if allowed is None else len(allowed))
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if k == 0:
             self._check_search_names(params)
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        return self._search(queries, k, device, allowed, params)
+
+    def _search(self, queries: np.ndarray, k: int, device: str, allowed: np.ndarray | None,
+                params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` once its inputs are checked: float32 ``queries``, ``1 <= k <=`` the rows
+        searched, ``allowed`` only keys of this searcher (or ``None``)."""
+        selector = None
         search_params = self._search_parameters(params, k)
         if allowed is not None:
             selector = self._faiss.IDSelectorBatch(allowed)
@@ -573,29 +579,33 @@ class IvfPqSearcher(IvfSearcher):
 
     _search_names = frozenset({"nprobe", "rerank"})
 
-    def search(self, queries: np.ndarray, k: int, *, device: str = "auto", allowed: np.ndarray | None = None,
-               **params: Any) -> tuple[np.ndarray, np.ndarray]:
+    def _check_search_names(self, params: Mapping[str, Any]) -> None:
+        super()._check_search_names(params)
+        self._rerank_depth(params.get("rerank"))
+
+    def _rerank_depth(self, rerank: Any) -> int:
+        """A search's re-rank depth: the index's own unless given; a given one is checked."""
+        if rerank is None:
+            return self.settings.rerank
+        if rerank != 0:
+            _positive(rerank, "rerank", upper=1000)
+            if not self.settings.rerank:
+                raise InputError("this ivfpq index keeps no exact vectors to re-rank with; rebuild it with "
+                                 "--search-setting rerank=R (or search with rerank=0)")
+        return int(rerank)
+
+    def _search(self, queries: np.ndarray, k: int, device: str, allowed: np.ndarray | None,
+                params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """PQ search; with ``rerank``, ``rerank x k`` PQ candidates re-scored with the exact vectors.
 
         ``rerank`` may also be given per search (``1..1000``; ``0`` = PQ scores only) when the index
         keeps the exact vectors (built with ``rerank``).
         """
-        rerank = params.pop("rerank", None)
-        if rerank is None:
-            rerank = self.settings.rerank
-        elif rerank != 0:
-            _positive(rerank, "rerank", upper=1000)
-            if not self.settings.rerank:
-                raise InputError("this ivfpq index keeps no exact vectors to re-rank with; rebuild it with "
-                                 "--search-setting rerank=R (or search with rerank=0)")
+        rerank = self._rerank_depth(params.pop("rerank", None))
         if not rerank:
-            return super().search(queries, k, device=device, allowed=allowed, **params)
-        k = min(int(k), len(self) if allowed is None else len(np.intersect1d(allowed, self._keys)))
-        wide = min(len(self), max(k, k * int(rerank)))
-        _, candidates = super().search(queries, wide, device=device, allowed=allowed, **params)
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if candidates.shape[1] == 0 or k == 0:
-            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+            return super()._search(queries, k, device, allowed, params)
+        wide = min(len(self) if allowed is None else len(allowed), max(k, k * int(rerank)))
+        _, candidates = super()._search(queries, wide, device, allowed, params)
         vectors = self._exact_rows().rows(self._rows_of(candidates.reshape(-1)))
         exact = np.einsum("qd,qkd->qk", queries, vectors.reshape(*candidates.shape, self.dim))
         order = np.lexsort((candidates, -exact), axis=-1)[:, :k]  # best exact score, ties by key

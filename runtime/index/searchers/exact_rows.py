@@ -32,6 +32,7 @@ class ExactRows:
     def __init__(self, dim: int, dtype: Any, rows: np.ndarray | None = None) -> None:
         self.dim, self.dtype = int(dim), np.dtype(dtype)
         self._memory = np.zeros((0, self.dim), self.dtype) if rows is None else rows
+        self._appended: list[np.ndarray] = []  # in memory after _memory, joined when the rows are read
         self._file: IO[bytes] | None = None
         self._count = len(self._memory)
         self._mapped: np.ndarray | None = None  # memory map of _file, for _count rows
@@ -44,11 +45,11 @@ class ExactRows:
         if self._file is None and not self._memory.flags.writeable:
             self._take_ownership()
         if self._file is None and (self._count + len(rows)) * self.dim * self.dtype.itemsize <= SPILL_BYTES:
-            self._memory = np.concatenate([self._memory, rows])
+            self._appended.append(rows.copy())  # joined once when read, not per batch (quadratic)
         else:
             if self._file is None:
                 self._file = tempfile.TemporaryFile(prefix="galr-exact-rows-")
-                self._file.write(np.ascontiguousarray(self._memory).tobytes())
+                self._file.write(np.ascontiguousarray(self._joined()).tobytes())
                 self._memory = np.zeros((0, self.dim), self.dtype)
             self._file.seek(0, 2)
             self._file.write(rows.tobytes())
@@ -59,11 +60,17 @@ class ExactRows:
     def array(self) -> np.ndarray:
         """All rows ``[len, dim]`` in the storage dtype (a memory map once spilled or read from a file)."""
         if self._file is None:
-            return self._memory
+            return self._joined()
         if self._mapped is None:
             self._mapped = np.memmap(self._file, dtype=self.dtype, mode="r+", shape=(self._count, self.dim)) \
                 if self._count else np.zeros((0, self.dim), self.dtype)
         return self._mapped
+
+    def _joined(self) -> np.ndarray:
+        """The in-memory rows as one array."""
+        if self._appended:
+            self._memory, self._appended = np.concatenate([self._memory, *self._appended]), []
+        return self._memory
 
     def rows(self, positions: np.ndarray) -> np.ndarray:
         """The rows at ``positions`` as float32."""
